@@ -1,0 +1,32 @@
+# Set-up happens here: a local virtual environment with the CPU build of torch.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]' 'torch==2.13.0'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/python -m lens.cli demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_forward.py
+	$(BIN)/python bench/bench_cache.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,390 @@
+"""Caching activations: run_with_cache, and ActivationCache, a read-only mapping from hook
+names to tensors that knows the model's structure (TransformerLens-style short keys, the
+residual stream as a sum of components, LayerNorm applied to stacks, logit attributions)."""
+
+import re
+from collections.abc import Mapping
+from typing import Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+PosSlice = Union[None, int, slice, Sequence[int], Tensor]
+_ATTN = {"q", "k", "v", "z", "result", "pattern", "attn_scores"}
+_MLP = {"pre", "post"}
+_LN = {"scale", "normalized"}
+_BLOCK = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in",
+          "q_input", "k_input", "v_input"}
+_TOP = {"embed": "hook_embed", "pos_embed": "hook_pos_embed", "logits": "hook_logits"}
+_ALIASES = {"scores": "attn_scores", "attn": "pattern", "mlp_pre": "pre", "mlp_post": "post"}
+
+
+def act_name(name: str, layer: Optional[int] = None, layer_type: Optional[str] = None,
+             n_layers: Optional[int] = None) -> str:
+    """Full hook name from a short one: act_name("pattern", 0) -> "blocks.0.attn.hook_pattern"."""
+    if "." in name or name.startswith("hook_"):
+        return name
+    name = _ALIASES.get(name, name)
+    if name in _TOP:
+        return _TOP[name]
+    if layer is None:
+        if name in _LN:
+            return f"ln_final.hook_{name}"
+        raise KeyError(f"short name {name!r} needs a layer, e.g. cache[{name!r}, 0]")
+    if n_layers is not None:
+        if not -n_layers <= layer < n_layers:
+            raise KeyError(f"layer {layer} is out of range for a model with n_layers={n_layers}")
+        layer %= n_layers
+    if name in _LN:
+        return f"blocks.{layer}.{layer_type or 'ln1'}.hook_{name}"
+    if name in _ATTN:
+        return f"blocks.{layer}.{layer_type or 'attn'}.hook_{name}"
+    if name in _MLP:
+        return f"blocks.{layer}.{layer_type or 'mlp'}.hook_{name}"
+    if name in _BLOCK:
+        return f"blocks.{layer}.hook_{name}"
+    valid = sorted(_ATTN | _MLP | _LN | _BLOCK | set(_TOP))
+    raise KeyError(f"unknown short name {name!r}; valid short names are {valid}")
+
+
+def pos_index(pos_slice: PosSlice):
+    """An index for one axis: int (drops the axis, as TransformerLens), slice, or list of ints."""
+    if pos_slice is None:
+        return slice(None)
+    if isinstance(pos_slice, (int, slice)):
+        return pos_slice
+    if isinstance(pos_slice, tuple) and len(pos_slice) in (2, 3):
+        return slice(*pos_slice)
+    return torch.as_tensor(pos_slice, dtype=torch.long)
+
+
+def _pos_dim(name: str) -> int:
+    return 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
+
+
+def _index_dim(t: Tensor, dim: int, idx) -> Tensor:
+    if isinstance(idx, slice) and idx == slice(None):
+        return t
+    return t[(slice(None),) * dim + (idx.to(t.device) if isinstance(idx, Tensor) else idx,)]
+
+
+def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool = False,
+                   remove_batch_dim: bool = False, pos_slice: PosSlice = None,
+                   stop_at_layer=None, **kwargs):
+    """Run the model and return (output, ActivationCache) of the hook points `names_filter`
+    selects (a name, a list, a predicate; all when None).
+
+    device: where cached tensors go (GPU → CPU copies are non-blocking; one synchronisation at
+    the end). incl_bwd: call backward on the (scalar) output and cache gradients as
+    "<name>_grad". stop_at_layer="auto": stop after the last block the filter needs (the
+    output is then None unless the final LayerNorm or logits are asked for).
+    """
+    names = model.hook_names_matching(names_filter)
+    L = model.cfg.n_layers
+    auto = stop_at_layer == "auto"
+    if auto:
+        stop_at_layer = _last_block_needed(names, L)
+    store: dict[str, Tensor] = {}
+    dev = torch.device(device) if device is not None else None
+    idx = pos_index(pos_slice)
+    async_copy = [False]
+
+    def keep(x: Tensor, name: str) -> Tensor:
+        x = _index_dim(x.detach(), _pos_dim(name), idx)
+        if remove_batch_dim:
+            if x.shape[0] != 1:
+                raise ValueError(f"remove_batch_dim=True needs batch size 1, got {x.shape[0]}")
+            x = x[0]
+        if dev is not None and x.device != dev:
+            async_copy[0] |= x.device.type == "cuda"
+            x = x.to(dev, non_blocking=True)
+        return x
+
+    def save(x: Tensor, hook) -> None:
+        store[hook.name] = keep(x, hook.name)
+
+    def save_grad(g: Tensor, hook) -> None:
+        store[hook.name + "_grad"] = keep(g, hook.name)
+
+    bwd = [(names, save_grad)] if incl_bwd else []
+    with model.hooks(fwd_hooks=[(names, save)], bwd_hooks=bwd):
+        if auto and stop_at_layer is not None:
+            model(*args, stop_at_layer=stop_at_layer, **kwargs)
+            out = None
+        else:
+            out = model(*args, stop_at_layer=stop_at_layer, **kwargs)
+        if incl_bwd:
+            if not isinstance(out, Tensor) or out.numel() != 1:
+                raise ValueError("incl_bwd=True calls backward on the output, which must be a "
+                                 "scalar: use return_type='loss' or cache gradients of a metric "
+                                 "with bwd_hooks")
+            out.backward()
+    if async_copy[0]:
+        torch.cuda.synchronize()
+    return out, ActivationCache(store, model, has_batch_dim=not remove_batch_dim)
+
+
+def _last_block_needed(names: list[str], n_layers: int) -> Optional[int]:
+    """The stop_at_layer that still reaches every name, or None when the whole model is needed."""
+    last = 0
+    for n in names:
+        m = re.match(r"blocks\.(\d+)\.", n)
+        if m:
+            last = max(last, int(m.group(1)) + 1)
+        elif n not in ("hook_embed", "hook_pos_embed"):
+            return None
+    return last
+
+
+class ActivationCache(Mapping):
+    """Cached activations keyed by hook name; also cache["pattern", 0], cache["resid_post", -1],
+    cache["z", 2, "attn"], cache["scale"] (the final LayerNorm)."""
+
+    def __init__(self, cache_dict: dict[str, Tensor], model, has_batch_dim: bool = True):
+        self.cache_dict = cache_dict
+        self.model = model
+        self.has_batch_dim = has_batch_dim
+
+    # ------------------------------------------------------------------ mapping
+    def _key(self, key) -> str:
+        if isinstance(key, tuple):
+            return act_name(*key, n_layers=self.model.cfg.n_layers)
+        return act_name(key)
+
+    def __getitem__(self, key) -> Tensor:
+        name = self._key(key)
+        try:
+            return self.cache_dict[name]
+        except KeyError:
+            import difflib
+            near = difflib.get_close_matches(name, self.cache_dict, n=3, cutoff=0.5)
+            raise KeyError(f"{name!r} is not in the cache (it holds {len(self.cache_dict)} "
+                           f"activations{'; nearest: ' + str(near) if near else ''}); "
+                           "include it in run_with_cache's names_filter") from None
+
+    def __contains__(self, key) -> bool:
+        try:
+            return self._key(key) in self.cache_dict
+        except KeyError:
+            return False
+
+    def __iter__(self):
+        return iter(self.cache_dict)
+
+    def __len__(self) -> int:
+        return len(self.cache_dict)
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self)} activations: {list(self.cache_dict)[:4]}...)"
+
+    def to(self, device) -> "ActivationCache":
+        moved = {k: v.to(device) for k, v in self.cache_dict.items()}
+        return ActivationCache(moved, self.model, self.has_batch_dim)
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        if not self.has_batch_dim:
+            return self
+        for k, v in self.cache_dict.items():
+            if v.shape[0] != 1:
+                raise ValueError(f"cannot remove the batch dim: {k} has batch size {v.shape[0]}")
+        return ActivationCache({k: v[0] for k, v in self.cache_dict.items()}, self.model, False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached tensors (each storage counted once)."""
+        seen, total = set(), 0
+        for t in self.cache_dict.values():
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+        return total
+
+    def save(self, path) -> None:
+        """Save as safetensors (metadata records whether a batch dim is present)."""
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.cache_dict.items()}
+        save_file(tensors, str(path), metadata={"has_batch_dim": str(self.has_batch_dim)})
+
+    @classmethod
+    def load(cls, path, model) -> "ActivationCache":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        unknown = [k for k in load_file(str(path)) if k.removesuffix("_grad") not in model.hook_dict]
+        if unknown:
+            raise ValueError(f"{path} holds activations {unknown[:5]} that are not hook points of "
+                             "this model; load it with the model it was cached from")
+        return cls(load_file(str(path)), model, meta.get("has_batch_dim", "True") == "True")
+
+    # ------------------------------------------------------------------ structure
+    def _layer(self, layer: Optional[int]) -> int:
+        L = self.model.cfg.n_layers
+        if layer is None:
+            return L
+        if not -L <= layer <= L:
+            raise ValueError(f"layer={layer} must be in [-{L}, {L}]")
+        return layer % L if layer < 0 else layer
+
+    def _resid_at(self, layer: int, mlp_input: bool = False) -> Tensor:
+        if layer == self.model.cfg.n_layers:
+            return self[f"blocks.{layer - 1}.hook_resid_post"]
+        return self[f"blocks.{layer}.hook_resid_{'mid' if mlp_input else 'pre'}"]
+
+    def _pos(self, t: Tensor, pos_slice: PosSlice, dim: int) -> Tensor:
+        return _index_dim(t, dim, pos_index(pos_slice))
+
+    def accumulated_resid(self, layer: Optional[int] = None, incl_mid: bool = False,
+                          apply_ln: bool = False, pos_slice: PosSlice = None,
+                          mlp_input: bool = False, return_labels: bool = False):
+        """The stream as it accumulates: resid_pre of blocks 0..layer (and the final stream when
+        layer is None or n_layers), stacked as [component, batch, pos, d_model]."""
+        layer = self._layer(layer)
+        L = self.model.cfg.n_layers
+        parts, labels = [], []
+        for l in range(min(layer + 1, L)):
+            if l == layer and not (mlp_input and incl_mid):
+                parts.append(self[f"blocks.{l}.hook_resid_pre"]); labels.append(f"{l}_pre")
+                break
+            parts.append(self[f"blocks.{l}.hook_resid_pre"]); labels.append(f"{l}_pre")
+            if incl_mid and not self.model.cfg.attn_only and (l < layer or mlp_input):
+                parts.append(self[f"blocks.{l}.hook_resid_mid"]); labels.append(f"{l}_mid")
+        if layer == L:
+            parts.append(self[f"blocks.{L - 1}.hook_resid_post"]); labels.append("final_post")
+        stack = self._pos(torch.stack(parts), pos_slice, 2 if self.has_batch_dim else 1)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def decompose_resid(self, layer: Optional[int] = None, mlp_input: bool = False,
+                        mode: str = "all", apply_ln: bool = False, pos_slice: PosSlice = None,
+                        incl_embeds: bool = True, return_labels: bool = False):
+        """The stream entering `layer` (the final stream when None) as the sum of what wrote to
+        it: embed, pos_embed, then each block's attn_out and mlp_out. mode: all | attn | mlp."""
+        if mode not in ("all", "attn", "mlp"):
+            raise ValueError(f"mode={mode!r}; valid modes are 'all', 'attn', 'mlp'")
+        layer = self._layer(layer)
+        cfg = self.model.cfg
+        parts, labels = [], []
+        if incl_embeds:
+            parts.append(self["hook_embed"]); labels.append("embed")
+            if cfg.positional_embedding:
+                parts.append(self["hook_pos_embed"]); labels.append("pos_embed")
+        for l in range(layer + (1 if mlp_input and layer < cfg.n_layers else 0)):
+            if mode != "mlp":
+                parts.append(self[f"blocks.{l}.hook_attn_out"]); labels.append(f"{l}_attn_out")
+            if mode != "attn" and not cfg.attn_only and l < layer:
+                parts.append(self[f"blocks.{l}.hook_mlp_out"]); labels.append(f"{l}_mlp_out")
+        stack = self._pos(torch.stack(parts), pos_slice, 2 if self.has_batch_dim else 1)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def head_results(self, layer: int) -> Float[Tensor, "batch pos n_heads d_model"]:
+        """Each head's write to the stream at `layer`: hook_result, or z @ W_O when only z is cached."""
+        name = f"blocks.{layer}.attn.hook_result"
+        if name in self.cache_dict:
+            return self.cache_dict[name]
+        z = self[f"blocks.{layer}.attn.hook_z"]
+        W_O = self.model.blocks[layer].attn.W_O.to(z.device, z.dtype)
+        return torch.einsum("...hd,hdm->...hm", z, W_O)
+
+    def stack_head_results(self, layer: Optional[int] = None, return_labels: bool = False,
+                           incl_remainder: bool = False, pos_slice: PosSlice = None,
+                           apply_ln: bool = False):
+        """Every head's write before `layer` (all layers when None): [layer*head, batch, pos, d_model],
+        labels "L{l}H{h}". incl_remainder adds what the heads do not explain (embeddings, MLPs, biases)."""
+        layer = self._layer(layer)
+        pdim = 2 if self.has_batch_dim else 1
+        parts, labels = [], []
+        for l in range(layer):
+            r = self.head_results(l)
+            parts.append(r.movedim(-2, 0))
+            labels += [f"L{l}H{h}" for h in range(r.shape[-2])]
+        stack = torch.cat(parts) if parts else torch.zeros(0, *self._resid_at(layer).shape)
+        if incl_remainder:
+            stack = torch.cat([stack, (self._resid_at(layer) - stack.sum(0))[None]])
+            labels.append("remainder")
+        stack = self._pos(stack, pos_slice, pdim)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def stack_neuron_results(self, layer: Optional[int] = None, pos_slice: PosSlice = None,
+                             neuron_slice: Union[None, slice, Sequence[int]] = None,
+                             return_labels: bool = False, incl_remainder: bool = False,
+                             apply_ln: bool = False):
+        """Every neuron's write (post · W_out row) before `layer`: [layer*neuron, batch, pos, d_model]."""
+        if self.model.cfg.attn_only:
+            raise ValueError("this model is attention-only: it has no neurons")
+        layer = self._layer(layer)
+        pdim = 2 if self.has_batch_dim else 1
+        nidx = pos_index(neuron_slice)
+        parts, labels = [], []
+        for l in range(layer):
+            post = self._pos(self[f"blocks.{l}.mlp.hook_post"], pos_slice, pdim - 1)
+            W_out = self.model.blocks[l].mlp.W_out.to(post.device, post.dtype)
+            ids = torch.arange(W_out.shape[0])[nidx]
+            post, W_out = post[..., ids], W_out[ids]
+            parts.append(torch.einsum("...n,nd->n...d", post, W_out))
+            labels += [f"L{l}N{int(n)}" for n in ids]
+        stack = torch.cat(parts)
+        if incl_remainder:
+            rest = self._pos(self._resid_at(layer), pos_slice, pdim - 1) - stack.sum(0)
+            stack = torch.cat([stack, rest[None]])
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def ln_scale(self, layer: Optional[int] = None, mlp_input: bool = False) -> Tensor:
+        layer = self._layer(layer)
+        if layer == self.model.cfg.n_layers:
+            return self["ln_final.hook_scale"]
+        return self[f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"]
+
+    def apply_ln_to_stack(self, residual_stack: Float[Tensor, "... d_model"], layer: Optional[int] = None,
+                          mlp_input: bool = False, pos_slice: PosSlice = None,
+                          batch_slice: PosSlice = None, has_batch_dim: bool = True
+                          ) -> Float[Tensor, "... d_model"]:
+        """Apply the LayerNorm that reads the stream at `layer` (the final one when None) to each
+        component, with the scale frozen from the cache: centre, divide by the cached scale, and
+        multiply by the LayerNorm weight. The bias is left out (it belongs to no component), so
+        the components sum to LN(stream) − b."""
+        layer = self._layer(layer)
+        cfg = self.model.cfg
+        if cfg.normalization is None:
+            return residual_stack
+        ln = self.model.ln_final if layer == cfg.n_layers else (
+            self.model.blocks[layer].ln2 if mlp_input else self.model.blocks[layer].ln1)
+        x = residual_stack - residual_stack.mean(-1, keepdim=True)
+        scale = self.ln_scale(layer, mlp_input)
+        if self.has_batch_dim:
+            scale = _index_dim(scale, 0, pos_index(batch_slice))
+        pdim = (1 if self.has_batch_dim and (batch_slice is None or not isinstance(batch_slice, int)) else 0)
+        scale = _index_dim(scale, pdim, pos_index(pos_slice))
+        if not has_batch_dim and self.has_batch_dim and scale.shape[0] == 1:
+            scale = scale[0]
+        x = x / scale.to(x.device)
+        if ln.w is not None:
+            x = x * ln.w.to(x.device, x.dtype)
+        return x
+
+    def logit_attrs(self, residual_stack: Float[Tensor, "... d_model"],
+                    tokens: Union[int, str, Tensor], incorrect_tokens=None,
+                    pos_slice: PosSlice = None, batch_slice: PosSlice = None,
+                    has_batch_dim: bool = True) -> Tensor:
+        """Each component's contribution to the logit of `tokens` (minus `incorrect_tokens`):
+        residual_stack · W_U[:, token]. Apply the final LayerNorm first (apply_ln=True) for DLA."""
+        W_U = self.model.W_U.to(residual_stack.device, residual_stack.dtype)
+        direction = W_U[:, self._token_ids(tokens, residual_stack.device)]
+        if incorrect_tokens is not None:
+            direction = direction - W_U[:, self._token_ids(incorrect_tokens, residual_stack.device)]
+        direction = direction.movedim(0, -1)  # [..., d_model]
+        return (residual_stack * direction).sum(-1)
+
+    def _token_ids(self, tokens, device) -> Tensor:
+        if isinstance(tokens, str):
+            tokens = self.model.to_single_token(tokens)
+        return torch.as_tensor(tokens, device=device, dtype=torch.long)

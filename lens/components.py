@@ -1,0 +1,204 @@
+"""The parts of a block, in the order data flows: LayerNorm, attention, MLP, block.
+
+Weights right-multiply (``x @ W``) and carry the paper's per-head shapes: ``W_Q[n_heads,
+d_model, d_head]``, ``W_O[n_heads, d_head, d_model]``, ``W_in[d_model, d_mlp]``. Q/K/V
+weights are stored so that the fused path reads them as one ``[d_model, n_heads*d_head]``
+matrix without a copy. Expensive hook points are computed only when someone hooks them."""
+
+import math
+from typing import Optional
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from lens.config import GPTConfig
+from lens.hooks import HookPoint
+
+_ACT = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _param(*shape: int, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype))
+
+
+def _head_major_param(n_heads: int, d_model: int, d_head: int, dtype) -> nn.Parameter:
+    """A [n_heads, d_model, d_head] parameter laid out in memory as [d_model, n_heads, d_head]."""
+    return nn.Parameter(torch.empty(d_model, n_heads, d_head, dtype=dtype).permute(1, 0, 2))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm ("LN") or its weightless form ("LNPre", what folding leaves behind).
+
+    hook_scale is the per-position standard deviation, hook_normalized the output (after the
+    affine map). Hooking hook_scale computes the norm by hand; otherwise one fused kernel runs.
+    """
+
+    def __init__(self, cfg: GPTConfig, affine: bool):
+        super().__init__()
+        self.eps, self.d_model = cfg.eps, cfg.d_model
+        if affine:
+            self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
+            self.b = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        else:
+            self.w = self.b = None
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos *heads d_model"]) -> Float[Tensor, "batch pos *heads d_model"]:
+        if self.hook_scale.active:
+            x = self.by_hand(x)
+        else:
+            x = F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
+        return self.hook_normalized.run(x)
+
+    def by_hand(self, x: Tensor, hooked: bool = True) -> Tensor:
+        dtype = x.dtype
+        if dtype in _HALF:
+            x = x.float()
+        x = x - x.mean(-1, keepdim=True)
+        scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        if hooked:
+            scale = self.hook_scale.run(scale)
+        x = x / scale
+        if self.w is not None:
+            x = x * self.w + self.b
+        return x.to(dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention; each head reads the stream and writes back through W_O.
+
+    With no hook on hook_attn_scores/hook_pattern it runs scaled_dot_product_attention; with one
+    it materialises the pattern. hook_result (per-head writes) is computed only when hooked.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.cfg = cfg
+        self.W_Q = _head_major_param(h, d, e, cfg.dtype)
+        self.W_K = _head_major_param(h, d, e, cfg.dtype)
+        self.W_V = _head_major_param(h, d, e, cfg.dtype)
+        self.W_O = _param(h, e, d, dtype=cfg.dtype)
+        self.b_Q = nn.Parameter(torch.zeros(h, e, dtype=cfg.dtype))
+        self.b_K = nn.Parameter(torch.zeros(h, e, dtype=cfg.dtype))
+        self.b_V = nn.Parameter(torch.zeros(h, e, dtype=cfg.dtype))
+        self.b_O = nn.Parameter(torch.zeros(d, dtype=cfg.dtype))
+        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def project(self, x: Tensor, W: Tensor, b: Tensor) -> Float[Tensor, "batch pos n_heads d_head"]:
+        """x @ W + b per head; x is the shared stream [b, p, d] or per-head reads [b, p, h, d]."""
+        if x.ndim == 4:
+            return torch.einsum("bphd,hde->bphe", x, W) + b
+        flat = W.permute(1, 0, 2).reshape(W.shape[1], -1)  # a view for head-major storage
+        out = F.linear(x, flat.T, b.reshape(-1))
+        return out.view(*x.shape[:2], *b.shape)
+
+    def forward(self, q_in: Tensor, k_in: Tensor, v_in: Tensor,
+                mask: Optional[Tensor] = None) -> Float[Tensor, "batch pos d_model"]:
+        q = self.hook_q.run(self.project(q_in, self.W_Q, self.b_Q))
+        k = self.hook_k.run(self.project(k_in, self.W_K, self.b_K))
+        v = self.hook_v.run(self.project(v_in, self.W_V, self.b_V))
+        scale = 1.0 / math.sqrt(self.cfg.d_head)
+        if self.hook_attn_scores.active or self.hook_pattern.active:
+            z = self.materialised(q, k, v, mask, scale)
+        else:
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=mask, is_causal=mask is None and q.shape[1] > 1, scale=scale,
+            ).transpose(1, 2)
+        z = self.hook_z.run(z)
+        if self.hook_result.active:
+            result = self.hook_result.run(torch.einsum("bphe,hed->bphd", z, self.W_O))
+            return result.sum(2) + self.b_O
+        return F.linear(z.reshape(*z.shape[:2], -1), self.W_O.reshape(-1, self.cfg.d_model).T, self.b_O)
+
+    def materialised(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                     scale: float) -> Float[Tensor, "batch query_pos n_heads d_head"]:
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * scale
+        if mask is None:
+            n_q, n_k = scores.shape[-2:]
+            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+        scores = self.hook_attn_scores.run(scores.masked_fill(~mask, float("-inf")))
+        pattern = torch.softmax(scores.float() if scores.dtype in _HALF else scores, dim=-1)
+        pattern = self.hook_pattern.run(pattern.to(v.dtype))
+        return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+
+
+class MLP(nn.Module):
+    """act(x W_in + b_in) W_out + b_out; hook_pre and hook_post are the neurons."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.W_in = _param(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype)
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp, dtype=cfg.dtype))
+        self.W_out = _param(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype)
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        self.act = _ACT[cfg.act_fn]
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre.run(F.linear(x, self.W_in.T, self.b_in))
+        post = self.hook_post.run(self.act(pre))
+        return F.linear(post, self.W_out.T, self.b_out)
+
+
+def _norm(cfg: GPTConfig) -> Optional[LayerNorm]:
+    return None if cfg.normalization is None else LayerNorm(cfg, affine=cfg.normalization == "LN")
+
+
+class Block(nn.Module):
+    """x += attn(ln1(x)); x += mlp(ln2(x)). Attention-only blocks skip the second half."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = _norm(cfg)
+        self.attn = Attention(cfg)
+        self.hook_resid_pre = HookPoint()
+        self.hook_q_input = HookPoint()
+        self.hook_k_input = HookPoint()
+        self.hook_v_input = HookPoint()
+        self.hook_attn_out = HookPoint()
+        if not cfg.attn_only:
+            self.ln2 = _norm(cfg)
+            self.mlp = MLP(cfg)
+            self.hook_resid_mid = HookPoint()
+            self.hook_mlp_in = HookPoint()
+            self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def attn_inputs(self, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ln1 of the stream; per-head copies of it where q/k/v_input are hooked."""
+        ln = self.ln1
+        normed = resid if ln is None else ln(resid)
+        out = []
+        for hp in (self.hook_q_input, self.hook_k_input, self.hook_v_input):
+            if not hp.active:
+                out.append(normed)
+                continue
+            per_head = hp.run(einops.repeat(resid, "b p d -> b p h d", h=self.cfg.n_heads))
+            out.append(per_head if ln is None else ln.by_hand(per_head, hooked=False))
+        return out[0], out[1], out[2]
+
+    def forward(self, resid: Float[Tensor, "batch pos d_model"],
+                mask: Optional[Tensor] = None) -> Float[Tensor, "batch pos d_model"]:
+        resid = self.hook_resid_pre.run(resid)
+        attn_out = self.hook_attn_out.run(self.attn(*self.attn_inputs(resid), mask=mask))
+        if self.cfg.attn_only:
+            return self.hook_resid_post.run(resid + attn_out)
+        resid = self.hook_resid_mid.run(resid + attn_out)
+        mlp_in = self.hook_mlp_in.run(resid)
+        mlp_out = self.mlp(mlp_in if self.ln2 is None else self.ln2(mlp_in))
+        return self.hook_resid_post.run(resid + self.hook_mlp_out.run(mlp_out))

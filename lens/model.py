@@ -1,0 +1,288 @@
+"""HookedGPT: embed → blocks that read from and write to the residual stream → unembed.
+
+Every read and write is a named hook point (see lens.hooks); the forward pass validates its
+input, runs any slice of the blocks (stop_at_layer / start_at_layer), and returns logits,
+loss or both. Caching lives in run_with_cache; analysis on top lives in its own modules."""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from lens.cache import ActivationCache, run_with_cache
+from lens.components import Block, LayerNorm
+from lens.config import GPTConfig
+from lens.hooks import HookPoint, Hookable
+
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+@dataclass
+class ForwardContext:
+    """What hook functions may ask about the current forward pass."""
+
+    positions: Optional[Tensor] = None  # [batch, pos] absolute positions of the pos axis
+
+
+class HookedGPT(Hookable, nn.Module):
+    """A GPT whose every residual-stream read and write is a hook point."""
+
+    def __init__(self, cfg: GPTConfig, tokenizer=None, init: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = _Embed(cfg.d_vocab, cfg.d_model, cfg.dtype)
+        self.hook_embed = HookPoint()
+        if cfg.positional_embedding:
+            self.pos_embed = _PosEmbed(cfg.n_ctx, cfg.d_model, cfg.dtype)
+            self.hook_pos_embed = HookPoint()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        if cfg.normalization is not None:
+            self.ln_final = LayerNorm(cfg, affine=cfg.normalization == "LN")
+        self.unembed = _Unembed(cfg.d_model, cfg.d_vocab, cfg.dtype)
+        self.hook_logits = HookPoint()
+        self.ctx = ForwardContext()
+        self.setup_hooks(self.ctx)
+        if init:
+            self.init_weights()
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
+        """GPT-2 initialisation: normal(0, std) matrices, zero biases, unit LayerNorm weights."""
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf.startswith("W_"):
+                s = std / (2 * self.cfg.n_layers) ** 0.5 if leaf in ("W_O", "W_out") else std
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+            elif leaf == "w":
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+    def _stack(self, part: str, name: str) -> Tensor:
+        return torch.stack([getattr(getattr(b, part), name) for b in self.blocks])
+
+    W_Q = property(lambda self: self._stack("attn", "W_Q"), doc="[n_layers, n_heads, d_model, d_head]")
+    W_K = property(lambda self: self._stack("attn", "W_K"), doc="[n_layers, n_heads, d_model, d_head]")
+    W_V = property(lambda self: self._stack("attn", "W_V"), doc="[n_layers, n_heads, d_model, d_head]")
+    W_O = property(lambda self: self._stack("attn", "W_O"), doc="[n_layers, n_heads, d_head, d_model]")
+    b_Q = property(lambda self: self._stack("attn", "b_Q"), doc="[n_layers, n_heads, d_head]")
+    b_K = property(lambda self: self._stack("attn", "b_K"), doc="[n_layers, n_heads, d_head]")
+    b_V = property(lambda self: self._stack("attn", "b_V"), doc="[n_layers, n_heads, d_head]")
+    b_O = property(lambda self: self._stack("attn", "b_O"), doc="[n_layers, d_model]")
+    W_in = property(lambda self: self._stack("mlp", "W_in"), doc="[n_layers, d_model, d_mlp]")
+    b_in = property(lambda self: self._stack("mlp", "b_in"), doc="[n_layers, d_mlp]")
+    W_out = property(lambda self: self._stack("mlp", "W_out"), doc="[n_layers, d_mlp, d_model]")
+    b_out = property(lambda self: self._stack("mlp", "b_out"), doc="[n_layers, d_model]")
+    W_E = property(lambda self: self.embed.W_E, doc="[d_vocab, d_model]")
+    W_pos = property(lambda self: self.pos_embed.W_pos, doc="[n_ctx, d_model]")
+    W_U = property(lambda self: self.unembed.W_U, doc="[d_model, d_vocab]")
+    b_U = property(lambda self: self.unembed.b_U, doc="[d_vocab]")
+
+    @property
+    def QK(self):
+        """The paper's QK circuit W_Q W_Kᵀ per head, factored: [n_layers, n_heads, d_model, d_model]."""
+        from lens.factored import FactoredMatrix
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        """The paper's OV circuit W_V W_O per head, factored: [n_layers, n_heads, d_model, d_model]."""
+        from lens.factored import FactoredMatrix
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    # ------------------------------------------------------------------ input
+    def check_tokens(self, tokens) -> Int[Tensor, "batch pos"]:
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be an integer tensor [batch, pos] (or a string when the "
+                            f"model has a tokenizer), got {type(tokens).__name__}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}; "
+                            "to feed a residual stream use start_at_layer=")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos] or [pos], got shape {tuple(tokens.shape)}")
+        n = tokens.shape[1]
+        if n > self.cfg.n_ctx:
+            raise ValueError(f"sequence of {n} tokens exceeds n_ctx={self.cfg.n_ctx}")
+        if n == 0:
+            raise ValueError("tokens has 0 positions; give at least one token")
+        lo, hi = torch.aminmax(tokens)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= self.cfg.d_vocab:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside [0, d_vocab={self.cfg.d_vocab})")
+        return tokens.to(self.W_E.device)
+
+    def _mask_and_positions(self, batch: int, n: int, attention_mask: Optional[Tensor], device):
+        """Absolute positions and, for padded batches, the [batch, 1, q, k] attention mask."""
+        if attention_mask is None:
+            return torch.arange(n, device=device).expand(batch, n), None
+        am = attention_mask.to(device=device, dtype=torch.bool)
+        if am.shape != (batch, n):
+            raise ValueError(f"attention_mask has shape {tuple(am.shape)}, expected {(batch, n)}")
+        positions = (am.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        mask = causal & am[:, None, None, :]
+        mask = mask | torch.eye(n, dtype=torch.bool, device=device)  # pads attend to themselves
+        return positions, mask
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input: Union[Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"], str, list],
+        return_type: Optional[str] = "logits",
+        *,
+        attention_mask: Optional[Tensor] = None,
+        stop_at_layer: Optional[int] = None,
+        start_at_layer: Optional[int] = None,
+        tokens: Optional[Tensor] = None,
+        loss_per_token: bool = False,
+    ):
+        """Logits [batch, pos, d_vocab], loss, both, or None; or the residual stream
+        [batch, pos, d_model] before block `stop_at_layer` when that is given.
+
+        `start_at_layer=l` takes the residual stream entering block l instead of tokens (pass
+        `tokens=` too for a loss). `attention_mask` [batch, pos] marks real tokens in a padded
+        batch; positions then count real tokens only.
+        """
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type={return_type!r}; valid values are {RETURN_TYPES}")
+        L = self.cfg.n_layers
+        start = _layer_index(start_at_layer, L, "start_at_layer") if start_at_layer is not None else 0
+        stop = _layer_index(stop_at_layer, L, "stop_at_layer") if stop_at_layer is not None else L
+        if start == 0 and start_at_layer is None:
+            if isinstance(input, (str, list)) and not isinstance(input, Tensor):
+                input, mask_of_text = self.to_tokens_with_mask(input)
+                if attention_mask is None and input.shape[0] > 1:
+                    attention_mask = mask_of_text
+            tokens = self.check_tokens(input)
+            batch, n = tokens.shape
+            positions, mask = self._mask_and_positions(batch, n, attention_mask, tokens.device)
+            self.ctx.positions = positions
+            resid = self.hook_embed.run(self.embed(tokens))
+            if self.cfg.positional_embedding:
+                resid = resid + self.hook_pos_embed.run(self.pos_embed(positions))
+        else:
+            resid = input
+            if not isinstance(resid, Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
+                got = tuple(resid.shape) if isinstance(resid, Tensor) else type(resid).__name__
+                raise ValueError(f"with start_at_layer={start_at_layer} the input is the residual "
+                                 f"stream [batch, pos, d_model={self.cfg.d_model}], got {got}")
+            if tokens is not None:
+                tokens = self.check_tokens(tokens)
+            batch, n = resid.shape[:2]
+            positions, mask = self._mask_and_positions(batch, n, attention_mask, resid.device)
+            self.ctx.positions = positions
+        for block in self.blocks[start:stop]:
+            resid = block(resid, mask)
+        if stop_at_layer is not None:
+            return resid
+        if self.cfg.normalization is not None:
+            resid = self.ln_final(resid)
+        logits = self.hook_logits.run(self.unembed(resid))
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if tokens is None:
+            raise ValueError("a loss needs the tokens: pass tokens= together with start_at_layer")
+        loss = lm_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def run_with_cache(self, *args, **kwargs) -> tuple[Optional[Tensor], ActivationCache]:
+        """Forward that stores activations; see lens.cache.run_with_cache for the arguments."""
+        return run_with_cache(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ tokenizer
+    def _tok(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass tokens as an integer tensor or "
+                             "load one with lens.tokenizer.load_tokenizer() and set model.tokenizer")
+        return self.tokenizer
+
+    def to_tokens(self, input, prepend_bos: bool = True, padding_side: str = "right",
+                  move_to_device: bool = True, truncate: bool = False) -> Int[Tensor, "batch pos"]:
+        from lens import tokenizer as T
+        tokens = T.to_tokens(self._tok(), input, prepend_bos=prepend_bos, padding_side=padding_side,
+                             truncate=truncate, n_ctx=self.cfg.n_ctx)
+        return tokens.to(self.W_E.device) if move_to_device else tokens
+
+    def to_tokens_with_mask(self, input, prepend_bos: bool = True, padding_side: str = "right"
+                            ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """Tokens of a string or a batch of strings, padded, with the mask of real tokens."""
+        from lens import tokenizer as T
+        tokens, mask = T.to_tokens_with_mask(self._tok(), input, prepend_bos=prepend_bos,
+                                             padding_side=padding_side, n_ctx=self.cfg.n_ctx)
+        return tokens.to(self.W_E.device), mask.to(self.W_E.device)
+
+    def to_str_tokens(self, input, prepend_bos: bool = True):
+        from lens import tokenizer as T
+        return T.to_str_tokens(self._tok(), input, prepend_bos=prepend_bos)
+
+    def to_string(self, tokens):
+        from lens import tokenizer as T
+        return T.to_string(self._tok(), tokens)
+
+    def to_single_token(self, string: str) -> int:
+        from lens import tokenizer as T
+        return T.to_single_token(self._tok(), string)
+
+    def get_token_position(self, single_token, input, mode: str = "first", prepend_bos: bool = True) -> int:
+        from lens import tokenizer as T
+        return T.get_token_position(self._tok(), single_token, input, mode=mode, prepend_bos=prepend_bos)
+
+
+def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
+            attention_mask: Optional[Tensor] = None, per_token: bool = False):
+    """Next-token cross-entropy (float32), averaged over the real (unmasked) predictions."""
+    if tokens.shape != logits.shape[:2]:
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not match logits {tuple(logits.shape[:2])}")
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
+    if per_token:
+        return nll
+    if attention_mask is None:
+        return nll.mean()
+    keep = attention_mask[:, 1:].to(nll.device, torch.bool)
+    return nll[keep].mean()
+
+
+def _layer_index(layer: int, n_layers: int, what: str) -> int:
+    if not isinstance(layer, int) or not -n_layers <= layer <= n_layers:
+        raise ValueError(f"{what}={layer!r} must be an int in [-{n_layers}, {n_layers}]")
+    return layer % n_layers if layer < 0 else layer
+
+
+class _Embed(nn.Module):
+    def __init__(self, d_vocab: int, d_model: int, dtype):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(d_vocab, d_model, dtype=dtype))
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return F.embedding(tokens, self.W_E)
+
+
+class _PosEmbed(nn.Module):
+    def __init__(self, n_ctx: int, d_model: int, dtype):
+        super().__init__()
+        self.W_pos = nn.Parameter(torch.empty(n_ctx, d_model, dtype=dtype))
+
+    def forward(self, positions: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return F.embedding(positions, self.W_pos)
+
+
+class _Unembed(nn.Module):
+    def __init__(self, d_model: int, d_vocab: int, dtype):
+        super().__init__()
+        self.W_U = nn.Parameter(torch.empty(d_model, d_vocab, dtype=dtype))
+        self.b_U = nn.Parameter(torch.zeros(d_vocab, dtype=dtype))
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return F.linear(x, self.W_U.T, self.b_U)
