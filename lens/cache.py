@@ -4,7 +4,8 @@ residual stream as a sum of components, LayerNorm applied to stacks, logit attri
 
 import re
 from collections.abc import Mapping
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -204,7 +205,12 @@ class ActivationCache(Mapping):
 
     def save(self, path) -> None:
         """Save as safetensors (metadata records whether a batch dim is present)."""
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.cache_dict.items()}
+        tensors, seen = {}, set()
+        for k, v in self.cache_dict.items():
+            ptr = v.untyped_storage().data_ptr()
+            v = v.detach().cpu().contiguous()
+            tensors[k] = v.clone() if ptr in seen else v  # safetensors refuses shared storage
+            seen.add(ptr)
         save_file(tensors, str(path), metadata={"has_batch_dim": str(self.has_batch_dim)})
 
     @classmethod

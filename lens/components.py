@@ -188,7 +188,8 @@ class Block(nn.Module):
             if not hp.active:
                 out.append(normed)
                 continue
-            per_head = hp.run(einops.repeat(resid, "b p d -> b p h d", h=self.cfg.n_heads))
+            per_head = einops.repeat(resid, "b p d -> b p h d", h=self.cfg.n_heads).clone()
+            per_head = hp.run(per_head)  # a copy: hooks may edit one head in place
             out.append(per_head if ln is None else ln.by_hand(per_head, hooked=False))
         return out[0], out[1], out[2]
 

@@ -5,7 +5,8 @@ functions in order, checks what they return, and can watch the gradient flowing 
 import difflib
 import re
 from contextlib import contextmanager
-from typing import Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn

@@ -136,7 +136,7 @@ class HookedGPT(Hookable, nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        input: Union[Int[Tensor, "batch pos"], Float[Tensor, "batch pos d_model"], str, list],
+        input: Union[Tensor, str, list],
         return_type: Optional[str] = "logits",
         *,
         attention_mask: Optional[Tensor] = None,

@@ -4,9 +4,10 @@ the TransformerLens-style helpers (to_tokens, to_str_tokens, ...) that the model
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import tiktoken
@@ -18,7 +19,7 @@ PADDING_SIDES = ("left", "right")
 POSITION_MODES = ("first", "last")
 
 TokensLike = Union[torch.Tensor, np.ndarray, Sequence[int]]
-Device = Union[str, torch.device, None]
+Device = Union[str, torch.device, bool, None]
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -62,11 +63,8 @@ def build_encoding(vocab: dict, merges: Sequence, specials: dict[str, int],
     come first (in bytes_to_unicode order) followed by one token per merge, in merge order. That
     is checked here, and a ValueError names the first token where the files disagree.
     """
-    if not isinstance(vocab, dict) or not vocab:
-        raise ValueError(f"{source}: the vocab must be a non-empty JSON object of token -> id")
-    bad = [(k, v) for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool)]
-    if bad:
-        raise ValueError(f"{source}: vocab ids must be ints; {bad[0][0]!r} maps to {bad[0][1]!r}")
+    if not isinstance(vocab, dict) or not all(type(v) is int for v in vocab.values()):
+        raise ValueError(f"{source}: the vocab must be a JSON object of token -> int id")
     merges = _parse_merges(merges, source)
     b2u = bytes_to_unicode()
     ranks: dict[bytes, int] = {bytes([b]): i for i, b in enumerate(b2u)}
@@ -136,20 +134,16 @@ def gpt2_data_dir() -> Path:
 
 
 class Tokenizer:
-    """GPT-2 byte-level BPE on a tiktoken Encoding. BOS, EOS and pad are all <|endoftext|>.
-
-    encode treats a literal "<|endoftext|>" in the text as the special token, as HF does.
-    """
+    """GPT-2 byte-level BPE on a tiktoken Encoding. BOS, EOS and pad are all <|endoftext|>,
+    and encode reads a literal "<|endoftext|>" in the text as that token, as HF does."""
 
     def __init__(self, encoding: tiktoken.Encoding, name: str = "gpt2"):
         self.encoding = encoding
         self.name = name
         if ENDOFTEXT not in encoding.special_tokens_set:
             raise ValueError(f"encoding {encoding.name!r} has no {ENDOFTEXT!r} special token")
-        eot = encoding.encode_single_token(ENDOFTEXT)
-        self.bos_token_id: int = eot
-        self.eos_token_id: int = eot
-        self.pad_token_id: int = eot
+        self.bos_token_id = self.eos_token_id = self.pad_token_id = \
+            encoding.encode_single_token(ENDOFTEXT)
         self.vocab_size: int = encoding.n_vocab
 
     @classmethod
@@ -169,8 +163,7 @@ class Tokenizer:
         elif (path / "tokenizer.json").is_file():
             enc = _encoding_from_tokenizer_json(str(path / "tokenizer.json"))
         else:
-            raise FileNotFoundError(f"{path} has neither vocab.json + merges.txt"
-                                    " nor tokenizer.json")
+            raise FileNotFoundError(f"{path} has no vocab.json + merges.txt or tokenizer.json")
         return cls(enc, str(path))
 
     def __repr__(self) -> str:
@@ -189,7 +182,7 @@ class Tokenizer:
             raise ValueError(f"token ids {bad[:5]} are outside the vocab [0, {self.vocab_size})")
         return self.encoding.decode(ids)
 
-    def decode_single(self, token_id: int) -> str:
+    def decode_single(self, token_id: Union[int, torch.Tensor]) -> str:
         return self.decode([_as_int(token_id)])
 
 
@@ -284,7 +277,8 @@ def to_str_tokens(tok: Tokenizer, input: Union[str, list[str], TokensLike],
     return [tok.decode_single(t) for t in _as_id_list(input)]
 
 
-def to_string(tok: Tokenizer, tokens: TokensLike) -> Union[str, list[str]]:
+def to_string(tok: Tokenizer, tokens: Union[TokensLike, Sequence[Sequence[int]]],
+              ) -> Union[str, list[str]]:
     """Text of a 1D sequence of ids, or a list of texts for a 2D [batch, pos] input."""
     if isinstance(tokens, (torch.Tensor, np.ndarray)) and tokens.ndim == 2:
         return [tok.decode(row) for row in tokens]
@@ -302,7 +296,7 @@ def to_single_token(tok: Tokenizer, string: str) -> int:
     return ids[0]
 
 
-def get_token_position(tok: Tokenizer, single_token: Union[str, int],
+def get_token_position(tok: Tokenizer, single_token: Union[str, int, torch.Tensor],
                        input: Union[str, TokensLike], mode: str = "first",
                        prepend_bos: bool = True) -> int:
     """Index of the first or last occurrence of single_token in input (a str is tokenized with

@@ -1,0 +1,261 @@
+"""HookedGPT against a forward pass computed by hand, and invariants of the forward pass."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model, make_tokens
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lens
+
+EXPENSIVE = ("attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_result", "hook_q_input",
+             "hook_k_input", "hook_v_input", "ln1.hook_scale", "ln2.hook_scale", "ln_final.hook_scale")
+
+
+def by_hand(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every activation of one sequence, written out with explicit loops over heads and
+    positions in float64, straight from the equations of the paper."""
+    cfg = model.cfg
+    P = {k: v.detach().double() for k, v in model.state_dict().items()}
+    acts = {}
+
+    def ln(x, prefix, name):
+        mu = x.mean(-1, keepdim=True)
+        scale = ((x - mu) ** 2).mean(-1, keepdim=True).add(cfg.eps).sqrt()
+        acts[f"{name}.hook_scale"] = scale
+        out = (x - mu) / scale
+        if f"{prefix}.w" in P:
+            out = out * P[f"{prefix}.w"] + P[f"{prefix}.b"]
+        acts[f"{name}.hook_normalized"] = out
+        return out
+
+    n = tokens.shape[0]
+    x = torch.stack([P["embed.W_E"][t] for t in tokens.tolist()])
+    acts["hook_embed"] = x
+    acts["hook_pos_embed"] = P["pos_embed.W_pos"][:n]
+    x = x + P["pos_embed.W_pos"][:n]
+    for l in range(cfg.n_layers):
+        b = f"blocks.{l}"
+        acts[f"{b}.hook_resid_pre"] = x
+        xn = ln(x, f"{b}.ln1", f"{b}.ln1")
+        q = torch.zeros(n, cfg.n_heads, cfg.d_head, dtype=torch.float64)
+        k, v, z = q.clone(), q.clone(), q.clone()
+        scores = torch.zeros(cfg.n_heads, n, n, dtype=torch.float64)
+        pattern = torch.zeros_like(scores)
+        result = torch.zeros(n, cfg.n_heads, cfg.d_model, dtype=torch.float64)
+        for h in range(cfg.n_heads):
+            for p in range(n):
+                q[p, h] = xn[p] @ P[f"{b}.attn.W_Q"][h] + P[f"{b}.attn.b_Q"][h]
+                k[p, h] = xn[p] @ P[f"{b}.attn.W_K"][h] + P[f"{b}.attn.b_K"][h]
+                v[p, h] = xn[p] @ P[f"{b}.attn.W_V"][h] + P[f"{b}.attn.b_V"][h]
+            for i in range(n):
+                for j in range(n):
+                    s = float(q[i, h] @ k[j, h]) / math.sqrt(cfg.d_head)
+                    scores[h, i, j] = s if j <= i else -math.inf
+                row = scores[h, i, : i + 1]
+                e = torch.exp(row - row.max())
+                pattern[h, i, : i + 1] = e / e.sum()
+                z[i, h] = sum(pattern[h, i, j] * v[j, h] for j in range(i + 1))
+                result[i, h] = z[i, h] @ P[f"{b}.attn.W_O"][h]
+        attn_out = result.sum(1) + P[f"{b}.attn.b_O"]
+        acts.update({f"{b}.attn.hook_q": q, f"{b}.attn.hook_k": k, f"{b}.attn.hook_v": v,
+                     f"{b}.attn.hook_attn_scores": scores, f"{b}.attn.hook_pattern": pattern,
+                     f"{b}.attn.hook_z": z, f"{b}.attn.hook_result": result,
+                     f"{b}.hook_attn_out": attn_out})
+        for s in "qkv":
+            acts[f"{b}.hook_{s}_input"] = x[:, None, :].expand(n, cfg.n_heads, cfg.d_model)
+        x = x + attn_out
+        if not cfg.attn_only:
+            acts[f"{b}.hook_resid_mid"] = acts[f"{b}.hook_mlp_in"] = x
+            xn = ln(x, f"{b}.ln2", f"{b}.ln2")
+            pre = xn @ P[f"{b}.mlp.W_in"] + P[f"{b}.mlp.b_in"]
+            post = 0.5 * pre * (1 + torch.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre**3)))
+            mlp_out = post @ P[f"{b}.mlp.W_out"] + P[f"{b}.mlp.b_out"]
+            acts.update({f"{b}.mlp.hook_pre": pre, f"{b}.mlp.hook_post": post,
+                         f"{b}.hook_mlp_out": mlp_out})
+            x = x + mlp_out
+        acts[f"{b}.hook_resid_post"] = x
+    x = ln(x, "ln_final", "ln_final")
+    acts["hook_logits"] = x @ P["unembed.W_U"] + P["unembed.b_U"]
+    return acts
+
+
+@pytest.mark.parametrize("attn_only", [False, True])
+def test_hand_computed_forward_at_every_hook_point(attn_only):
+    # The sizes of the "Hello World" walk-through: d_model 8, 2 heads, 4 tokens.
+    model = make_model(d_model=8, n_heads=2, d_vocab=11, n_ctx=8, attn_only=attn_only)
+    tokens = torch.tensor([[3, 1, 4, 1]])
+    expected = by_hand(model, tokens[0])
+    logits, cache = model.run_with_cache(tokens)
+    assert set(expected) == set(cache), set(expected) ^ set(cache)
+    for name, want in expected.items():
+        got = cache[name][0].double()
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(logits[0].double(), expected["hook_logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_weight_shapes_follow_the_paper(model):
+    cfg = model.cfg
+    a = model.blocks[0].attn
+    assert a.W_Q.shape == (cfg.n_heads, cfg.d_model, cfg.d_head)
+    assert a.W_O.shape == (cfg.n_heads, cfg.d_head, cfg.d_model)
+    assert model.W_Q.shape == (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head)
+    assert model.W_in.shape == (cfg.n_layers, cfg.d_model, cfg.d_mlp)
+    assert model.W_U.shape == (cfg.d_model, cfg.d_vocab)
+    assert isinstance(a.W_Q, torch.nn.Parameter)
+    torch.testing.assert_close(model.QK.AB, model.W_Q @ model.W_K.transpose(-1, -2))
+    torch.testing.assert_close(model.OV.AB, model.W_V @ model.W_O)
+
+
+def test_return_types_and_loss(model, tokens):
+    logits = model(tokens)
+    loss = model(tokens, return_type="loss")
+    both = model(tokens, return_type="both")
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(both[1], want)
+    assert model(tokens, return_type=None) is None
+    per_tok = model(tokens, return_type="loss", loss_per_token=True)
+    assert per_tok.shape == (tokens.shape[0], tokens.shape[1] - 1)
+
+
+def test_unhooked_forward_uses_the_fused_kernel(model, tokens, monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model(tokens)
+    assert len(calls) == model.cfg.n_layers
+    calls.clear()
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: None)])
+    assert len(calls) == model.cfg.n_layers - 1
+
+
+configs = st.fixed_dictionaries({
+    "n_layers": st.integers(1, 3),
+    "n_heads": st.integers(1, 3),
+    "d_head": st.integers(2, 6),
+    "d_model": st.sampled_from([6, 8, 12]),
+    "act_fn": st.sampled_from(["gelu", "gelu_new", "relu", "silu"]),
+    "normalization": st.sampled_from(["LN", "LNPre", None]),
+    "attn_only": st.booleans(),
+    "seed": st.integers(0, 2**16),
+    "batch": st.integers(1, 3),
+    "pos": st.integers(1, 9),
+})
+hyp = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _model_and_tokens(c):
+    c = dict(c)
+    batch, pos, seed = c.pop("batch"), c.pop("pos"), c.pop("seed")
+    model = make_model(seed=seed, d_vocab=23, n_ctx=10, **c)
+    return model, make_tokens(model, batch, pos, seed=seed + 1)
+
+
+@hyp
+@given(configs)
+def test_identity_hooks(c):
+    model, tokens = _model_and_tokens(c)
+    with torch.no_grad():
+        ref = model(tokens)
+        for name in model.hook_names:
+            out = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: x)])
+            if any(name.endswith(e) for e in EXPENSIVE):
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=name)
+            else:
+                assert torch.equal(out, ref), name
+
+
+@hyp
+@given(configs)
+def test_stream_identities(c):
+    model, tokens = _model_and_tokens(c)
+    with torch.no_grad():
+        fused = model(tokens)
+        logits, cache = model.run_with_cache(tokens)  # caching everything: the materialised path
+    torch.testing.assert_close(logits, fused, atol=1e-5, rtol=1e-5)
+    cfg = model.cfg
+    for l in range(cfg.n_layers):
+        pre, post = cache["resid_pre", l], cache["resid_post", l]
+        pattern = cache["pattern", l]
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
+        assert torch.all(pattern.triu(1) == 0)
+        torch.testing.assert_close(cache["result", l].sum(2) + model.blocks[l].attn.b_O, cache["attn_out", l])
+        if cfg.attn_only:
+            torch.testing.assert_close(post, pre + cache["attn_out", l])
+        else:
+            torch.testing.assert_close(cache["resid_mid", l], pre + cache["attn_out", l])
+            torch.testing.assert_close(post, cache["resid_mid", l] + cache["mlp_out", l])
+    torch.testing.assert_close(cache.decompose_resid().sum(0), cache["resid_post", -1], atol=1e-5, rtol=1e-5)
+    for layer in range(cfg.n_layers + 1):
+        resid = model(tokens, stop_at_layer=layer)
+        torch.testing.assert_close(model(resid, start_at_layer=layer), fused, atol=1e-5, rtol=1e-5)
+
+
+@hyp
+@given(configs)
+def test_patching_whole_stream_at_layer_0_reproduces_the_other_prompt(c):
+    model, tokens = _model_and_tokens(c)
+    other = (tokens + 5) % model.cfg.d_vocab
+    with torch.no_grad():
+        _, cache = model.run_with_cache(other, names_filter="blocks.0.hook_resid_pre")
+        patched = model.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: cache["resid_pre", 0])])
+        assert torch.equal(patched, model(other))
+
+
+@hyp
+@given(configs)
+def test_cached_gradients_equal_autograd(c):
+    model, tokens = _model_and_tokens(c)
+    if tokens.shape[1] < 2:
+        tokens = torch.cat([tokens, tokens], 1)
+    names = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z", f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    _, cache = model.run_with_cache(tokens, names_filter=names, incl_bwd=True, return_type="loss")
+    kept = {}
+
+    def keep(x, hook):
+        x.retain_grad()
+        kept[hook.name] = x
+
+    loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(names, keep)])
+    loss.backward()
+    for n in names:
+        torch.testing.assert_close(cache[n + "_grad"], kept[n].grad, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_input_gets_clear_errors(model, tokens):
+    with pytest.raises(ValueError, match=r"token id 37 is outside \[0, d_vocab=37\)"):
+        model(torch.tensor([[1, 37]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="sequence of 13 tokens exceeds n_ctx=12"):
+        model(torch.zeros(1, 13, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="return_type"):
+        model(tokens, return_type="probs")
+    with pytest.raises(ValueError, match="stop_at_layer"):
+        model(tokens, stop_at_layer=5)
+    with pytest.raises(ValueError, match="residual stream"):
+        model(tokens, start_at_layer=1)
+
+
+def test_config_validation_names_the_fields():
+    with pytest.raises(ValueError, match="d_model=10 is not divisible by n_heads=3"):
+        lens.GPTConfig(n_layers=1, d_model=10, n_heads=3, d_vocab=5, n_ctx=4)
+    with pytest.raises(ValueError, match="act_fn='tanh'"):
+        lens.GPTConfig(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, act_fn="tanh")
+    with pytest.raises(ValueError, match="normalization='RMS'"):
+        lens.GPTConfig(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, normalization="RMS")
+    with pytest.raises(ValueError, match="n_layers=0"):
+        lens.GPTConfig(n_layers=0, d_model=8, n_heads=2, d_vocab=5, n_ctx=4)
+    cfg = lens.GPTConfig(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, dtype="bfloat16")
+    assert cfg.dtype is torch.bfloat16 and cfg.d_head == 4 and cfg.d_mlp == 32
+    assert lens.GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown GPTConfig fields"):
+        lens.GPTConfig.from_dict({**cfg.to_dict(), "rotary": True})
