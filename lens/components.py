@@ -1,9 +1,9 @@
 """The parts of a block, in the order data flows: LayerNorm, attention, MLP, block.
 
 Weights right-multiply (``x @ W``) and carry the paper's per-head shapes: ``W_Q[n_heads,
-d_model, d_head]``, ``W_O[n_heads, d_head, d_model]``, ``W_in[d_model, d_mlp]``. Q/K/V
-weights are stored so that the fused path reads them as one ``[d_model, n_heads*d_head]``
-matrix without a copy. Expensive hook points are computed only when someone hooks them."""
+d_model, d_head]``, ``W_O[n_heads, d_head, d_model]``, ``W_in[d_model, d_mlp]``. In
+memory each matrix is [out, in], as torch.nn.Linear keeps it, so the fused path reads it
+without a copy. Expensive hook points are computed only when someone hooks them."""
 
 import math
 from typing import Optional
@@ -26,13 +26,18 @@ _ACT = {
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _param(*shape: int, dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype))
+def weight(shape: tuple[int, ...], memory_order: tuple[int, ...], dtype) -> nn.Parameter:
+    """A parameter of the paper's `shape` whose memory holds the axes in `memory_order`.
+
+    Matrices are kept in memory as [out, in] (torch.nn.Linear's layout, the fastest for
+    F.linear) while users see the right-multiplying shape: W_in is [d_model, d_mlp] but its
+    memory is [d_mlp, d_model]; W_Q is [n_heads, d_model, d_head] over [n_heads, d_head, d_model].
+    """
+    memory = torch.empty([shape[i] for i in memory_order], dtype=dtype)
+    inverse = sorted(range(len(memory_order)), key=memory_order.__getitem__)
+    return nn.Parameter(memory.permute(*inverse))
 
 
-def _head_major_param(n_heads: int, d_model: int, d_head: int, dtype) -> nn.Parameter:
-    """A [n_heads, d_model, d_head] parameter laid out in memory as [d_model, n_heads, d_head]."""
-    return nn.Parameter(torch.empty(d_model, n_heads, d_head, dtype=dtype).permute(1, 0, 2))
 
 
 class LayerNorm(nn.Module):
@@ -85,10 +90,10 @@ class Attention(nn.Module):
         super().__init__()
         h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
         self.cfg = cfg
-        self.W_Q = _head_major_param(h, d, e, cfg.dtype)
-        self.W_K = _head_major_param(h, d, e, cfg.dtype)
-        self.W_V = _head_major_param(h, d, e, cfg.dtype)
-        self.W_O = _param(h, e, d, dtype=cfg.dtype)
+        self.W_Q = weight((h, d, e), (0, 2, 1), cfg.dtype)
+        self.W_K = weight((h, d, e), (0, 2, 1), cfg.dtype)
+        self.W_V = weight((h, d, e), (0, 2, 1), cfg.dtype)
+        self.W_O = weight((h, e, d), (2, 0, 1), cfg.dtype)
         self.b_Q = nn.Parameter(torch.zeros(h, e, dtype=cfg.dtype))
         self.b_K = nn.Parameter(torch.zeros(h, e, dtype=cfg.dtype))
         self.b_V = nn.Parameter(torch.zeros(h, e, dtype=cfg.dtype))
@@ -100,8 +105,8 @@ class Attention(nn.Module):
         """x @ W + b per head; x is the shared stream [b, p, d] or per-head reads [b, p, h, d]."""
         if x.ndim == 4:
             return torch.einsum("bphd,hde->bphe", x, W) + b
-        flat = W.permute(1, 0, 2).reshape(W.shape[1], -1)  # a view for head-major storage
-        out = F.linear(x, flat.T, b.reshape(-1))
+        flat = W.transpose(1, 2).reshape(-1, W.shape[1])  # [h*e, d]: a view of the memory
+        out = F.linear(x, flat, b.reshape(-1))
         return out.view(*x.shape[:2], *b.shape)
 
     def forward(self, q_in: Tensor, k_in: Tensor, v_in: Tensor,
@@ -121,7 +126,8 @@ class Attention(nn.Module):
         if self.hook_result.active:
             result = self.hook_result.run(torch.einsum("bphe,hed->bphd", z, self.W_O))
             return result.sum(2) + self.b_O
-        return F.linear(z.reshape(*z.shape[:2], -1), self.W_O.reshape(-1, self.cfg.d_model).T, self.b_O)
+        W_O = self.W_O.permute(2, 0, 1).reshape(self.cfg.d_model, -1)  # [d, h*e]: a view
+        return F.linear(z.reshape(*z.shape[:2], -1), W_O, self.b_O)
 
     def materialised(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                      scale: float) -> Float[Tensor, "batch query_pos n_heads d_head"]:
@@ -140,9 +146,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.W_in = _param(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype)
+        self.W_in = weight((cfg.d_model, cfg.d_mlp), (1, 0), cfg.dtype)
         self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp, dtype=cfg.dtype))
-        self.W_out = _param(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype)
+        self.W_out = weight((cfg.d_mlp, cfg.d_model), (1, 0), cfg.dtype)
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
         self.act = _ACT[cfg.act_fn]
         self.hook_pre = HookPoint()

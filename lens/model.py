@@ -13,7 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from lens.cache import ActivationCache, run_with_cache
-from lens.components import Block, LayerNorm
+from lens.components import Block, LayerNorm, weight
 from lens.config import GPTConfig
 from lens.hooks import HookPoint, Hookable
 
@@ -200,6 +200,26 @@ class HookedGPT(Hookable, nn.Module):
         """Forward that stores activations; see lens.cache.run_with_cache for the arguments."""
         return run_with_cache(self, *args, **kwargs)
 
+    # ------------------------------------------------------------------ loading (lens.loading)
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs) -> "HookedGPT":
+        """Load a GPT-2-family checkpoint (HF dir or file, hub cache) or a lens checkpoint, with
+        TransformerLens's weight processing (fold_ln, center_writing_weights, center_unembed,
+        fold_value_biases; each a keyword). See lens.loading.from_pretrained."""
+        from lens.loading import from_pretrained
+        return from_pretrained(name_or_path, **kwargs)
+
+    @classmethod
+    def from_pretrained_no_processing(cls, name_or_path, **kwargs) -> "HookedGPT":
+        """from_pretrained with the weights exactly as stored (no folding or centring)."""
+        from lens.loading import from_pretrained
+        return from_pretrained(name_or_path, process=False, **kwargs)
+
+    def save(self, path):
+        """Save as a lens checkpoint directory (lens_config.json + model.safetensors)."""
+        from lens.loading import save
+        return save(self, path)
+
     # ------------------------------------------------------------------ tokenizer
     def _tok(self):
         if self.tokenizer is None:
@@ -281,7 +301,7 @@ class _PosEmbed(nn.Module):
 class _Unembed(nn.Module):
     def __init__(self, d_model: int, d_vocab: int, dtype):
         super().__init__()
-        self.W_U = nn.Parameter(torch.empty(d_model, d_vocab, dtype=dtype))
+        self.W_U = weight((d_model, d_vocab), (1, 0), dtype)
         self.b_U = nn.Parameter(torch.zeros(d_vocab, dtype=dtype))
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:

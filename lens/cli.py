@@ -1,0 +1,50 @@
+"""The `lens` command line: `lens demo` walks a model's hook points with their shapes."""
+
+import argparse
+import sys
+
+import torch
+
+
+def demo(args) -> None:
+    import lens
+
+    torch.manual_seed(args.seed)
+    cfg = lens.GPTConfig(n_layers=2, d_model=8, n_heads=2, d_vocab=50257, n_ctx=16)
+    model = lens.HookedGPT(cfg).eval()
+    try:
+        from lens.tokenizer import Tokenizer
+        model.tokenizer = Tokenizer.gpt2()
+        tokens = model.to_tokens(args.text)
+        print(f"text {args.text!r} -> tokens {tokens.tolist()[0]} {model.to_str_tokens(args.text)}")
+    except Exception as e:  # the demo still runs on ids when no tokenizer is available
+        print(f"(no tokenizer: {e}; using ids)")
+        tokens = torch.tensor([[50256, 15496, 2159]])
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    print(f"random model: {cfg.n_layers} layers, d_model={cfg.d_model}, n_heads={cfg.n_heads}, "
+          f"d_head={cfg.d_head}, d_vocab={cfg.d_vocab}\n")
+    width = max(map(len, cache))
+    for name, act in cache.items():
+        print(f"  {name:<{width}}  {list(act.shape)}")
+    print(f"\nlogits {list(logits.shape)}; {len(cache)} hook points cached, {cache.nbytes} bytes")
+    pattern = cache["pattern", 0][0, 0]
+    print("\nlayer 0 head 0 attention pattern (rows = query, columns = key):")
+    for row in pattern.tolist():
+        print("  " + " ".join(f"{p:.2f}" for p in row))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run a small random model and print every hook point's shape")
+    p.add_argument("text", nargs="?", default="Hello World")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=demo)
+    args = parser.parse_args(argv)
+    args.fn(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
