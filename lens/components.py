@@ -43,8 +43,9 @@ def weight(shape: tuple[int, ...], memory_order: tuple[int, ...], dtype) -> nn.P
 class LayerNorm(nn.Module):
     """LayerNorm ("LN") or its weightless form ("LNPre", what folding leaves behind).
 
-    hook_scale is the per-position standard deviation, hook_normalized the output (after the
-    affine map). Hooking hook_scale computes the norm by hand; otherwise one fused kernel runs.
+    hook_scale is the per-position standard deviation, hook_normalized the centred stream
+    divided by it (before the weight and bias, as in TransformerLens). Hooking either computes
+    the norm by hand; otherwise one fused kernel runs.
     """
 
     def __init__(self, cfg: GPTConfig, affine: bool):
@@ -59,13 +60,12 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos *heads d_model"]) -> Float[Tensor, "batch pos *heads d_model"]:
-        if self.hook_scale.active:
-            x = self.by_hand(x)
-        else:
-            x = F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
-        return self.hook_normalized.run(x)
+        if self.hook_scale.active or self.hook_normalized.active:
+            return self.by_hand(x)
+        return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
 
     def by_hand(self, x: Tensor, hooked: bool = True) -> Tensor:
+        """The same norm step by step, in float32 under half precision, running the hooks."""
         dtype = x.dtype
         if dtype in _HALF:
             x = x.float()
@@ -74,6 +74,8 @@ class LayerNorm(nn.Module):
         if hooked:
             scale = self.hook_scale.run(scale)
         x = x / scale
+        if hooked:
+            x = self.hook_normalized.run(x)
         if self.w is not None:
             x = x * self.w + self.b
         return x.to(dtype)

@@ -14,46 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from lens import GPTConfig, HookedGPT
 from lens.loading import config_from_hf, convert_gpt2_state_dict, from_pretrained, save
+from conftest import SMALL, random_hf, write
 
 transformers = pytest.importorskip("transformers")
-SMALL = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=101, n_positions=64)
 LAYOUTS = ["safetensors", "sharded", "bin", "bin_legacy"]
-
-
-def random_hf(seed: int = 0, std: float = 0.15, **config):
-    """A random HF GPT-2 in eval mode with LayerNorm weights away from 1 and every bias away
-    from 0 (HF initialises them to 1 and 0, which would hide folding mistakes)."""
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(**{**SMALL, "bos_token_id": None, "eos_token_id": None, **config})
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if ".ln_" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.2 * torch.randn_like(p))
-            elif std is not None:
-                p.copy_(std * torch.randn_like(p))
-    return hf
-
-
-def write(hf, folder: Path, layout: str = "safetensors") -> Path:
-    """Save `hf` as save_pretrained does, sharded, as a pytorch_model.bin, or as the original
-    GPT-2 .bin (no "transformer." prefix, no lm_head, causal-mask buffers included)."""
-    if layout in ("safetensors", "sharded"):
-        hf.save_pretrained(folder, max_shard_size="20KB" if layout == "sharded" else "5GB")
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    hf.config.save_pretrained(folder)
-    sd = {k: v.clone() for k, v in hf.state_dict().items()}
-    if layout == "bin_legacy":
-        n = hf.config.n_positions
-        sd = {k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}
-        for l in range(hf.config.n_layer):
-            sd[f"h.{l}.attn.bias"] = torch.ones(1, 1, n, n).tril()
-            sd[f"h.{l}.attn.masked_bias"] = torch.tensor(-1e4)
-    torch.save(sd, folder / "pytorch_model.bin")
-    return folder
 
 
 def tokens(batch: int = 3, pos: int = 24, d_vocab: int = 101, seed: int = 1) -> torch.Tensor:

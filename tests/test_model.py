@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import lens
 
 EXPENSIVE = ("attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_result", "hook_q_input",
-             "hook_k_input", "hook_v_input", "ln1.hook_scale", "ln2.hook_scale", "ln_final.hook_scale")
+             "hook_k_input", "hook_v_input", "hook_scale", "hook_normalized")
 
 
 def by_hand(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -27,9 +27,9 @@ def by_hand(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torch.Tens
         scale = ((x - mu) ** 2).mean(-1, keepdim=True).add(cfg.eps).sqrt()
         acts[f"{name}.hook_scale"] = scale
         out = (x - mu) / scale
+        acts[f"{name}.hook_normalized"] = out
         if f"{prefix}.w" in P:
             out = out * P[f"{prefix}.w"] + P[f"{prefix}.b"]
-        acts[f"{name}.hook_normalized"] = out
         return out
 
     n = tokens.shape[0]
