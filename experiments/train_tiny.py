@@ -1,0 +1,154 @@
+"""Train the bundled tiny GPTs on the Python standard library's own source, offline.
+
+The corpus is every .py file of the running interpreter's standard library (tests excluded),
+tokenised with GPT-2's BPE: real text, full of repeated identifiers, so induction heads form.
+Half of each batch repeats a span of the corpus twice in one sequence, which makes the
+induction circuit pay off early. The softmax runs over the tokens that occur in the corpus
+(the others get a large negative unembedding bias), which keeps CPU training affordable.
+
+    python experiments/train_tiny.py --model attn2l --out runs/attn2l [--steps N] [--seed S]
+    python experiments/train_tiny.py --model mlp2l  --out runs/mlp2l
+
+Resumable: a checkpoint (weights, optimiser, step, RNG) is written every --save-every steps and
+picked up on restart. Deterministic given --seed on the same corpus and thread count. The final
+model is written in the lens save format, float16, with the recipe, tokens seen and final loss
+recorded in its config's metadata.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import lens
+from lens.tokenizer import Tokenizer
+
+MODELS = {
+    "attn2l": dict(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=256, attn_only=True),
+    "mlp2l": dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, n_ctx=256, act_fn="gelu_new"),
+}
+
+
+def corpus_tokens(cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) token arrays of the standard library's source; every 20th file is held out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not {"site-packages", "test", "tests", "idle_test"} & set(p.relative_to(root).parts))
+    key = hashlib.sha256("\n".join(str(p.relative_to(root)) for p in files).encode()).hexdigest()[:12]
+    path = cache_dir / f"stdlib-{key}.npz"
+    if path.is_file():
+        data = np.load(path)
+        return data["train"], data["val"]
+    tok = Tokenizer.gpt2()
+    train, val = [], []
+    for i, p in enumerate(tqdm(files, desc="tokenising the standard library", unit="file")):
+        ids = tok.encoding.encode_ordinary(p.read_text(encoding="utf-8", errors="replace"))
+        (val if i % 20 == 0 else train).extend(ids + [tok.eos_token_id])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    train, val = np.array(train, dtype=np.uint16), np.array(val, dtype=np.uint16)
+    np.savez(path, train=train, val=val)
+    return train, val
+
+
+def batch(data: np.ndarray, n: int, n_ctx: int, gen: torch.Generator, repeat_frac: float) -> torch.Tensor:
+    """n windows of n_ctx tokens; the first repeat_frac of them are a span of n_ctx//2 tokens twice."""
+    starts = torch.randint(0, len(data) - n_ctx - 1, (n,), generator=gen).tolist()
+    rows = [torch.from_numpy(data[s:s + n_ctx].astype(np.int64)) for s in starts]
+    half = n_ctx // 2
+    for i in range(int(n * repeat_frac)):
+        rows[i] = torch.cat([rows[i][:half], rows[i][:half]])
+    return torch.stack(rows)
+
+
+def loss_fn(model: lens.HookedGPT, tokens: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+    """Next-token loss with the softmax restricted to the corpus vocabulary `vocab` (sorted ids)."""
+    resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+    resid = model.ln_final(resid)
+    logits = resid @ model.W_U[:, vocab] + model.b_U[vocab]
+    target = torch.searchsorted(vocab, tokens[:, 1:])
+    return F.cross_entropy(logits[:, :-1].reshape(-1, len(vocab)), target.reshape(-1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat-frac", type=float, default=0.5)
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--cache-dir", type=Path, default=Path("runs/corpus"))
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    train, val = corpus_tokens(args.cache_dir)
+    vocab = torch.from_numpy(np.unique(np.concatenate([train, val])).astype(np.int64))
+    cfg = lens.GPTConfig(d_vocab=50257, **MODELS[args.model])
+    model = lens.HookedGPT(cfg)
+    model.init_weights(seed=args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(args.seed)
+    step, losses = 0, []
+    ckpt = args.out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        step, losses = int(state["step"]), state["losses"].tolist()
+        print(f"resuming at step {step}")
+    warmup = min(100, args.steps // 10)
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
+    bar = tqdm(total=args.steps, initial=step, desc=f"training {args.model}", unit="step")
+    t0, n_ctx = time.time(), cfg.n_ctx
+    while step < args.steps:
+        for g in opt.param_groups:
+            g["lr"] = args.lr * schedule(step)
+        loss = loss_fn(model, batch(train, args.batch, n_ctx, gen, args.repeat_frac), vocab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", tok_s=f"{args.batch * n_ctx * bar.n / (time.time() - t0 + 1e-9):.0f}")
+        if step % args.save_every == 0 or step == args.steps:
+            args.out.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                        "step": step, "losses": torch.tensor(losses)}, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)
+    bar.close()
+
+    model.eval()
+    with torch.no_grad():
+        unused = torch.ones(cfg.d_vocab, dtype=torch.bool)
+        unused[vocab] = False
+        model.b_U[unused] = model.b_U[vocab].min() - 20.0  # never predicted: not in the corpus
+        vgen = torch.Generator().manual_seed(1234)
+        val_loss = float(np.mean([model(batch(val, 8, n_ctx, vgen, 0.0), return_type="loss").item()
+                                  for _ in range(10)]))
+    model.cfg.metadata.update({
+        "name": f"lens-tiny-{args.model}", "corpus": "Python standard library source (tests excluded)",
+        "recipe": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "tokens_seen": step * args.batch * n_ctx, "final_train_loss": float(np.mean(losses[-100:])),
+        "val_loss": val_loss, "corpus_vocab": int(len(vocab)),
+    })
+    final = model.to(torch.float16)
+    final.cfg.dtype = torch.float16
+    final.save(args.out / "final")
+    print(json.dumps(model.cfg.metadata, indent=1))
+
+
+if __name__ == "__main__":
+    main()
