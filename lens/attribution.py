@@ -1,0 +1,314 @@
+"""Direct logit attribution and the logit lens: how much each write to the residual stream moves
+a logit difference through the final LayerNorm with its scale frozen, and what the unembedding
+reads from the stream after each layer."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lens.cache import ActivationCache
+
+Tokens = Union[int, str, Sequence, Tensor]
+Pos = Union[int, Tensor]
+PER = ("layer", "head", "neuron", "component")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _token_ids(model, tokens: Tokens, what: str) -> Int[Tensor, "n"]:
+    if isinstance(tokens, Tensor) and (tokens.is_floating_point() or tokens.dtype == torch.bool):
+        raise ValueError(f"{what} must be integer token ids, got a {tokens.dtype} tensor")
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    if isinstance(tokens, (list, tuple)):
+        tokens = [model.to_single_token(t) if isinstance(t, str) else int(t) for t in tokens]
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=model.W_U.device).reshape(-1)
+    if ids.numel() == 0:
+        raise ValueError(f"{what} is empty; give one token id per prompt")
+    bad = ids[(ids < 0) | (ids >= model.cfg.d_vocab)]
+    if bad.numel():
+        raise ValueError(f"{what} {bad.tolist()} outside [0, d_vocab={model.cfg.d_vocab})")
+    return ids
+
+
+def logit_diff_direction(model, answer_tokens: Tokens,
+                         wrong_tokens: Optional[Tokens] = None) -> Float[Tensor, "batch d_model"]:
+    """W_U[:, answer] − W_U[:, wrong] for each prompt (just W_U[:, answer] without wrong tokens):
+    the residual direction whose dot product with the final normalised stream is the logit
+    difference, less the b_U difference."""
+    ans = _token_ids(model, answer_tokens, "answer_tokens")
+    W_U = model.W_U.detach()
+    direction = W_U[:, ans].T
+    if wrong_tokens is not None:
+        wrong = _token_ids(model, wrong_tokens, "wrong_tokens")
+        if wrong.shape != ans.shape and 1 not in (wrong.numel(), ans.numel()):
+            raise ValueError(f"{ans.numel()} answer tokens but {wrong.numel()} wrong tokens; "
+                             "give one of each per prompt")
+        direction = direction - W_U[:, wrong].T
+    return direction
+
+
+def _pos_index(pos: Pos, batch: int, n_pos: int, device) -> Int[Tensor, "batch"]:
+    """One position per prompt: an int for all prompts or a [batch] tensor."""
+    p = torch.as_tensor(pos, dtype=torch.long, device=device).reshape(-1)
+    if p.numel() == 1:
+        p = p.expand(batch)
+    if p.shape != (batch,):
+        raise ValueError(f"pos has {p.numel()} entries; give an int or one position per prompt "
+                         f"({batch})")
+    if ((p < -n_pos) | (p >= n_pos)).any():
+        raise ValueError(f"pos {p.tolist()} out of range for {n_pos} positions")
+    return p % n_pos
+
+
+def _at(t: Tensor, pidx: Tensor) -> Tensor:
+    """[batch, pos, ...] -> [batch, ...] at one position per prompt."""
+    return t[torch.arange(t.shape[0], device=t.device), pidx.to(t.device)]
+
+
+def _final_stream(model, cache: ActivationCache) -> Float[Tensor, "batch pos d_model"]:
+    if not cache.has_batch_dim:
+        raise ValueError("this needs a cache with its batch axis (run_with_cache without "
+                         "remove_batch_dim)")
+    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    if resid.ndim != 3:
+        raise ValueError(f"the cached stream has shape {tuple(resid.shape)}; attribution needs "
+                         "[batch, pos, d_model] (run_with_cache without pos_slice)")
+    return resid
+
+
+def _ln_final(model, x: Tensor) -> Tensor:
+    """The real final LayerNorm of x [..., d_model] (identity when the model has none)."""
+    if model.cfg.normalization is None:
+        return x
+    ln = model.ln_final
+    w, b = (None, None) if ln.w is None else (_like(ln.w, x), _like(ln.b, x))
+    return F.layer_norm(x, (model.cfg.d_model,), w, b, ln.eps)
+
+
+def _like(weight: Tensor, x: Tensor) -> Tensor:
+    """A weight on x's device and dtype (the cache may live elsewhere than the model)."""
+    return weight.detach().to(x.device, x.dtype)
+
+
+@dataclass
+class Attribution:
+    """Each component's direct contribution to a logit difference, prompt by prompt.
+
+    values.sum(0) + constant == logit_diff: the components through the frozen final LayerNorm,
+    plus LN bias · direction + the b_U difference, give the model's logit difference."""
+
+    values: Float[Tensor, "component batch"]
+    labels: list
+    constant: Float[Tensor, "batch"]
+    logit_diff: Float[Tensor, "batch"]
+    per: str
+    n_layers: int
+
+    def mean(self) -> Float[Tensor, "component"]:
+        return self.values.mean(-1)
+
+    def top(self, k: int = 10) -> list:
+        """The k components with the largest mean |contribution|, as (label, mean) pairs."""
+        m = self.mean()
+        order = m.abs().argsort(descending=True)[:k]
+        return [(self.labels[i], float(m[i])) for i in order]
+
+    def plot(self, path: Union[None, str, Path] = None, title: Optional[str] = None):
+        """Mean over prompts: a layer × head (or layer × neuron) heat map, else one line."""
+        from lens.plot import heatmap, lines
+        title = title or f"direct logit attribution per {self.per}"
+        m = self.mean()
+        if self.per in ("head", "neuron"):
+            grid = m[:-1].reshape(self.n_layers, -1)  # the remainder is left out
+            unit = "H" if self.per == "head" else "N"
+            cols = [f"{unit}{i}" for i in range(grid.shape[1])] if grid.shape[1] <= 64 else None
+            return heatmap(grid, [f"L{l}" for l in range(self.n_layers)], cols, title=title,
+                           xlabel=self.per, ylabel="layer", path=path,
+                           annotate=None if self.per == "head" else False)
+        return lines({"logit diff": m}, x=self.labels, title=title, xlabel="component",
+                     ylabel="direct logit attribution", path=path)
+
+
+@torch.no_grad()
+def direct_logit_attribution(model, cache: ActivationCache, answer_tokens: Tokens,
+                             wrong_tokens: Optional[Tokens] = None, per: str = "layer",
+                             pos: Pos = -1) -> Attribution:
+    """Direct logit attribution at `pos` (an int, or one position per prompt) of the logit
+    difference answer − wrong (the answer logit when wrong_tokens is None).
+
+    per: "component" (embed, pos_embed, each attn_out and mlp_out), "layer" (embeddings, then
+    attn_out + mlp_out of each layer), "head" (each head's z·W_O, then a remainder holding the
+    embeddings, MLPs and b_O), or "neuron" (post · W_out row, then a remainder). The cache needs
+    the final stream, ln_final.hook_scale and what `per` reads (see dla_hook_names)."""
+    if per not in PER:
+        raise ValueError(f"per={per!r}; valid values are {PER}")
+    cfg = model.cfg
+    resid = _final_stream(model, cache)
+    batch, n_pos = resid.shape[:2]
+    pidx = _pos_index(pos, batch, n_pos, resid.device)
+    dtype = torch.float32 if resid.dtype in _HALF else resid.dtype  # 16-bit caches add up in float32
+    direction = logit_diff_direction(model, answer_tokens, wrong_tokens).to(resid.device, dtype)
+    if direction.shape[0] not in (1, batch):
+        raise ValueError(f"{direction.shape[0]} answer tokens for a batch of {batch} prompts")
+    direction = direction.expand(batch, -1)
+    b_U = model.b_U.detach()
+    constant = b_U[_token_ids(model, answer_tokens, "answer_tokens")].expand(batch).clone()
+    if wrong_tokens is not None:
+        constant = constant - b_U[_token_ids(model, wrong_tokens, "wrong_tokens")]
+    constant = constant.to(resid.device, dtype)
+    resid = _at(resid, pidx).to(dtype)
+    logit_diff = (_ln_final(model, resid) * direction).sum(-1) + constant
+    read = direction  # what a component's write is dotted with, the frozen LayerNorm folded in
+    if cfg.normalization is not None:
+        ln = model.ln_final
+        if ln.w is not None:
+            read = read * _like(ln.w, read)
+            constant = constant + direction @ _like(ln.b, read)
+        read = (read - read.mean(-1, keepdim=True)) / _at(cache["ln_final.hook_scale"], pidx).to(dtype)
+
+    def at(name: str) -> Tensor:
+        return _at(cache[name], pidx).to(dtype)
+
+    def dot(name: str) -> Float[Tensor, "batch"]:
+        return (at(name) * read).sum(-1)
+
+    labels, values = [], []
+    if per in ("head", "neuron"):
+        for l in range(cfg.n_layers):
+            if per == "head":
+                z = at(f"blocks.{l}.attn.hook_z")  # [batch, n_heads, d_head]
+                W_O = _like(model.blocks[l].attn.W_O, z)
+                values.append(torch.einsum("bhe,hed,bd->hb", z, W_O, read))
+                labels += [f"L{l}H{h}" for h in range(cfg.n_heads)]
+            else:
+                if cfg.attn_only:
+                    raise ValueError("per='neuron' on an attention-only model: it has no neurons")
+                post = at(f"blocks.{l}.mlp.hook_post")  # [batch, d_mlp]
+                W_out = _like(model.blocks[l].mlp.W_out, post)
+                values.append((post * (read @ W_out.T)).T)
+                labels += [f"L{l}N{n}" for n in range(cfg.d_mlp)]
+        values = torch.cat(values)
+        rest = (resid * read).sum(-1) - values.sum(0)
+        values = torch.cat([values, rest[None]])
+        labels.append("remainder")
+    else:
+        embed = dot("hook_embed")
+        if cfg.positional_embedding:
+            pos_embed = dot("hook_pos_embed")
+            if per == "component":
+                values += [embed, pos_embed]
+                labels += ["embed", "pos_embed"]
+            else:
+                values.append(embed + pos_embed)
+                labels.append("embed")
+        else:
+            values.append(embed)
+            labels.append("embed")
+        for l in range(cfg.n_layers):
+            attn = dot(f"blocks.{l}.hook_attn_out")
+            mlp = None if cfg.attn_only else dot(f"blocks.{l}.hook_mlp_out")
+            if per == "layer":
+                values.append(attn if mlp is None else attn + mlp)
+                labels.append(f"L{l}")
+            else:
+                values.append(attn)
+                labels.append(f"{l}_attn_out")
+                if mlp is not None:
+                    values.append(mlp)
+                    labels.append(f"{l}_mlp_out")
+        values = torch.stack(values)
+    return Attribution(values, labels, constant, logit_diff, per, cfg.n_layers)
+
+
+def dla_hook_names(model, per: str = "layer") -> list[str]:
+    """The hook points direct_logit_attribution(per=...) reads: pass as names_filter."""
+    if per not in PER:
+        raise ValueError(f"per={per!r}; valid values are {PER}")
+    cfg, L = model.cfg, model.cfg.n_layers
+    names = [f"blocks.{L - 1}.hook_resid_post"]
+    if cfg.normalization is not None:
+        names.append("ln_final.hook_scale")
+    if per == "head":
+        names += [f"blocks.{l}.attn.hook_z" for l in range(L)]
+    elif per == "neuron":
+        names += [f"blocks.{l}.mlp.hook_post" for l in range(L)]
+    else:
+        names += ["hook_embed"] + (["hook_pos_embed"] if cfg.positional_embedding else [])
+        for l in range(L):
+            names.append(f"blocks.{l}.hook_attn_out")
+            if not cfg.attn_only:
+                names.append(f"blocks.{l}.hook_mlp_out")
+    return names
+
+
+@dataclass
+class LogitLens:
+    """Log-probabilities read from the stream entering each block and from the final stream."""
+
+    log_probs: Float[Tensor, "layer batch d_vocab"]
+    labels: list
+
+    def answer_stats(self, answer_tokens: Union[int, Sequence[int], Tensor]
+                     ) -> tuple[Int[Tensor, "layer batch"], Float[Tensor, "layer batch"]]:
+        """(rank, probability) of each prompt's answer token after each layer; rank 0 = top."""
+        n_layer, batch, d_vocab = self.log_probs.shape
+        ids = torch.as_tensor(answer_tokens, dtype=torch.long, device=self.log_probs.device).reshape(-1)
+        if ids.numel() not in (1, batch) or ((ids < 0) | (ids >= d_vocab)).any():
+            raise ValueError(f"answer_tokens {ids.tolist()} must be one id in [0, {d_vocab}) "
+                             f"or one per prompt ({batch})")
+        lp = self.log_probs.gather(-1, ids.expand(batch)[None, :, None].expand(n_layer, batch, 1))
+        rank = (self.log_probs > lp).sum(-1)
+        return rank, lp[..., 0].exp()
+
+    def plot(self, answer_tokens=None, path: Union[None, str, Path] = None,
+             title: str = "logit lens"):
+        """Probability of each prompt's answer (default: the final top-1 token) after each layer."""
+        from lens.plot import lines
+        if answer_tokens is None:
+            answer_tokens = self.log_probs[-1].argmax(-1)
+        _, prob = self.answer_stats(answer_tokens)
+        series = {"mean": prob.mean(-1)}
+        if prob.shape[1] <= 8:
+            series.update({f"prompt {b}": prob[:, b] for b in range(prob.shape[1])})
+        return lines(series, x=self.labels, title=title, xlabel="stream",
+                     ylabel="p(answer)", path=path)
+
+
+@torch.no_grad()
+def logit_lens(model, cache: Optional[ActivationCache] = None, pos: Pos = -1,
+               tokens: Optional[Int[Tensor, "batch pos"]] = None,
+               freeze_scale: bool = False) -> LogitLens:
+    """Unembed the stream entering each block and the final stream at `pos`: log-probs
+    [n_layers + 1, batch, d_vocab]. By default each stream goes through the real final
+    LayerNorm (its own scale); freeze_scale=True divides by the final stream's cached scale
+    instead. The last row equals the model's own log-probs. Give a cache, or tokens to run."""
+    cfg, L = model.cfg, model.cfg.n_layers
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    if cache is None:
+        if tokens is None:
+            raise ValueError("logit_lens needs a cache or tokens=")
+        need = names + (["ln_final.hook_scale"] if freeze_scale and cfg.normalization else [])
+        _, cache = model.run_with_cache(tokens, names_filter=need, stop_at_layer="auto")
+    resid = _final_stream(model, cache)
+    pidx = _pos_index(pos, resid.shape[0], resid.shape[1], resid.device)
+    stack = torch.stack([_at(cache[n], pidx) for n in names])  # [layer, batch, d_model]
+    stack = stack.float() if stack.dtype in _HALF else stack
+    if cfg.normalization is None:
+        normed = stack
+    elif freeze_scale:
+        ln = model.ln_final
+        scale = _at(cache["ln_final.hook_scale"], pidx).to(stack.dtype)
+        normed = (stack - stack.mean(-1, keepdim=True)) / scale
+        if ln.w is not None:
+            normed = normed * _like(ln.w, normed) + _like(ln.b, normed)
+    else:
+        normed = _ln_final(model, stack)
+    logits = normed @ _like(model.W_U, normed) + _like(model.b_U, normed)
+    labels = [f"{l}_pre" for l in range(L)] + ["final_post"]
+    return LogitLens(torch.log_softmax(logits, dim=-1), labels)
