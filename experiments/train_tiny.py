@@ -144,9 +144,7 @@ def main():
         "tokens_seen": step * args.batch * n_ctx, "final_train_loss": float(np.mean(losses[-100:])),
         "val_loss": val_loss, "corpus_vocab": int(len(vocab)),
     })
-    final = model.to(torch.float16)
-    final.cfg.dtype = torch.float16
-    final.save(args.out / "final")
+    model.save(args.out / "final", storage_dtype=torch.float16)
     print(json.dumps(model.cfg.metadata, indent=1))
 
 

@@ -418,14 +418,16 @@ def from_pretrained(name_or_path: PathLike, device=None, dtype=None, fold_ln: bo
     return model
 
 
-def save(model: HookedGPT, path: PathLike) -> Path:
+def save(model: HookedGPT, path: PathLike, storage_dtype: Optional[torch.dtype] = None) -> Path:
     """Save in lens format: a directory with lens_config.json and model.safetensors (the
-    state dict, made contiguous). Processed models (normalization "LNPre") round-trip exactly."""
+    state dict, made contiguous). Processed models (normalization "LNPre") round-trip exactly.
+    storage_dtype (e.g. torch.float16) shrinks the file; loading still gives cfg.dtype."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", storage_dtype or v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
     save_file(tensors, str(path / LENS_WEIGHTS), metadata={"format": "pt"})
     (path / LENS_CONFIG).write_text(model.cfg.to_json() + "\n", encoding="utf-8")
     return path

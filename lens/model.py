@@ -215,10 +215,11 @@ class HookedGPT(Hookable, nn.Module):
         from lens.loading import from_pretrained
         return from_pretrained(name_or_path, process=False, **kwargs)
 
-    def save(self, path):
-        """Save as a lens checkpoint directory (lens_config.json + model.safetensors)."""
+    def save(self, path, storage_dtype=None):
+        """Save as a lens checkpoint directory (lens_config.json + model.safetensors), the
+        tensors optionally stored in a smaller dtype (they load back as cfg.dtype)."""
         from lens.loading import save
-        return save(self, path)
+        return save(self, path, storage_dtype)
 
     # ------------------------------------------------------------------ tokenizer
     def _tok(self):
