@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from lens.cache import ActivationCache, run_with_cache
 from lens.components import Block, LayerNorm, weight
 from lens.config import GPTConfig
+from lens.generate import KVCache
 from lens.hooks import HookPoint, Hookable
 
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -113,8 +114,7 @@ class HookedGPT(Hookable, nn.Module):
             raise ValueError(f"sequence of {n} tokens exceeds n_ctx={self.cfg.n_ctx}")
         if n == 0:
             raise ValueError("tokens has 0 positions; give at least one token")
-        lo, hi = torch.aminmax(tokens)
-        lo, hi = int(lo), int(hi)
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync
         if lo < 0 or hi >= self.cfg.d_vocab:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside [0, d_vocab={self.cfg.d_vocab})")
@@ -144,6 +144,7 @@ class HookedGPT(Hookable, nn.Module):
         start_at_layer: Optional[int] = None,
         tokens: Optional[Tensor] = None,
         loss_per_token: bool = False,
+        past_kv: Optional[KVCache] = None,
     ):
         """Logits [batch, pos, d_vocab], loss, both, or None; or the residual stream
         [batch, pos, d_model] before block `stop_at_layer` when that is given.
@@ -151,6 +152,10 @@ class HookedGPT(Hookable, nn.Module):
         `start_at_layer=l` takes the residual stream entering block l instead of tokens (pass
         `tokens=` too for a loss). `attention_mask` [batch, pos] marks real tokens in a padded
         batch; positions then count real tokens only.
+
+        `past_kv` (a lens.generate.KVCache) holds the keys and values of earlier tokens: only
+        the new tokens run, at the positions after the cached ones, and join the cache;
+        `attention_mask` then covers cached and new tokens (see KVCache).
         """
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type={return_type!r}; valid values are {RETURN_TYPES}")
@@ -164,12 +169,19 @@ class HookedGPT(Hookable, nn.Module):
                     attention_mask = mask_of_text
             tokens = self.check_tokens(input)
             batch, n = tokens.shape
-            positions, mask = self._mask_and_positions(batch, n, attention_mask, tokens.device)
+            if past_kv is None:
+                positions, mask = self._mask_and_positions(batch, n, attention_mask, tokens.device)
+            else:
+                if stop_at_layer is not None:
+                    raise ValueError("past_kv runs every block; it cannot be used with stop_at_layer")
+                positions, mask = past_kv.prepare(batch, n, attention_mask, self.cfg.n_ctx, tokens.device)
             self.ctx.positions = positions
             resid = self.hook_embed.run(self.embed(tokens))
             if self.cfg.positional_embedding:
                 resid = resid + self.hook_pos_embed.run(self.pos_embed(positions))
         else:
+            if past_kv is not None:
+                raise ValueError("past_kv needs token input; it cannot be used with start_at_layer")
             resid = input
             if not isinstance(resid, Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
                 got = tuple(resid.shape) if isinstance(resid, Tensor) else type(resid).__name__
@@ -180,8 +192,12 @@ class HookedGPT(Hookable, nn.Module):
             batch, n = resid.shape[:2]
             positions, mask = self._mask_and_positions(batch, n, attention_mask, resid.device)
             self.ctx.positions = positions
-        for block in self.blocks[start:stop]:
-            resid = block(resid, mask)
+        if past_kv is None:
+            for block in self.blocks[start:stop]:
+                resid = block(resid, mask)
+        else:
+            for block, entry in zip(self.blocks, past_kv.layers):
+                resid = block(resid, mask, entry)
         if stop_at_layer is not None:
             return resid
         if self.cfg.normalization is not None:
@@ -199,6 +215,19 @@ class HookedGPT(Hookable, nn.Module):
     def run_with_cache(self, *args, **kwargs) -> tuple[Optional[Tensor], ActivationCache]:
         """Forward that stores activations; see lens.cache.run_with_cache for the arguments."""
         return run_with_cache(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ generation (lens.generate)
+    def generate(self, input, max_new_tokens: int = 10, **kwargs):
+        """Continue a string, a list of strings or tokens, with hooks active at every step and a
+        KV cache (temperature, top_k, top_p, seed, stop_at_eos, return_cache, fwd_hooks, ...;
+        a steering example is in lens.generate.generate's docstring)."""
+        from lens.generate import generate
+        return generate(self, input, max_new_tokens, **kwargs)
+
+    def generate_stream(self, input, max_new_tokens: int = 10, **kwargs):
+        """generate, yielding each step's new tokens; see lens.generate.stream."""
+        from lens.generate import stream
+        return stream(self, input, max_new_tokens, **kwargs)
 
     # ------------------------------------------------------------------ loading (lens.loading)
     @classmethod
