@@ -2,8 +2,8 @@
 
 The corpus is every .py file of the running interpreter's standard library (tests excluded),
 tokenised with GPT-2's BPE: real text, full of repeated identifiers, so induction heads form.
-Half of each batch repeats a span of the corpus twice in one sequence, which makes the
-induction circuit pay off early. The softmax runs over the tokens that occur in the corpus
+In half of each batch a span of the corpus (random length, random offset) is followed by a
+copy of itself, which makes the induction circuit pay off early. The softmax runs over the tokens that occur in the corpus
 (the others get a large negative unembedding bias), which keeps CPU training affordable.
 
     python experiments/train_tiny.py --model attn2l --out runs/attn2l [--steps N] [--seed S]
@@ -59,12 +59,15 @@ def corpus_tokens(cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batch(data: np.ndarray, n: int, n_ctx: int, gen: torch.Generator, repeat_frac: float) -> torch.Tensor:
-    """n windows of n_ctx tokens; the first repeat_frac of them are a span of n_ctx//2 tokens twice."""
+    """n windows of n_ctx tokens. In the first repeat_frac of them a span of random length
+    (8 to n_ctx/2) at a random offset is followed by a copy of itself, so that only a head that
+    looks back for the previous occurrence (not a fixed offset) can predict the copy."""
     starts = torch.randint(0, len(data) - n_ctx - 1, (n,), generator=gen).tolist()
     rows = [torch.from_numpy(data[s:s + n_ctx].astype(np.int64)) for s in starts]
-    half = n_ctx // 2
     for i in range(int(n * repeat_frac)):
-        rows[i] = torch.cat([rows[i][:half], rows[i][:half]])
+        length = int(torch.randint(8, n_ctx // 2 + 1, (1,), generator=gen))
+        at = int(torch.randint(0, n_ctx - 2 * length + 1, (1,), generator=gen))
+        rows[i][at + length:at + 2 * length] = rows[i][at:at + length]
     return torch.stack(rows)
 
 
