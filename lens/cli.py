@@ -1,4 +1,5 @@
-"""The `lens` command line: `lens demo` walks a model's hook points with their shapes."""
+"""The `lens` command line: `lens demo` walks a model's hook points with their shapes;
+`lens dissect TEXT` walks one prompt through a model's forward pass (see lens.dissect)."""
 
 import argparse
 import sys
@@ -34,6 +35,21 @@ def demo(args) -> None:
         print("  " + " ".join(f"{p:.2f}" for p in row))
 
 
+def dissect(args) -> None:
+    from lens.dissect import dissect as run, load_model
+
+    try:
+        model = load_model(args.model)
+        result = run(model, args.text, layer=args.layer, head=args.head, top_k=args.top_k,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     seed=args.seed, plot_dir=args.plot, model_name=args.model)
+    except ValueError as e:
+        raise SystemExit(f"lens dissect: {e}") from None
+    print(result)
+    if args.plot is not None:
+        print(f"\nfigures written to {args.plot}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +57,18 @@ def main(argv=None) -> int:
     p.add_argument("text", nargs="?", default="Hello World")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=demo)
+    p = sub.add_parser("dissect", help="walk one prompt through the forward pass: tokens, "
+                       "embedding, attention and MLP per block, unembed, sampling")
+    p.add_argument("text")
+    p.add_argument("--model", default="lens-tiny-attn2l", help="bundled name or checkpoint path")
+    p.add_argument("--layer", type=int, help="show attention tables of this layer only")
+    p.add_argument("--head", type=int, help="show attention tables of this head only")
+    p.add_argument("--top-k", type=int, default=5, help="next tokens shown per position")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 samples greedily")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="DIR", help="write attention heat maps and a norm chart here")
+    p.set_defaults(fn=dissect)
     args = parser.parse_args(argv)
     args.fn(args)
     return 0

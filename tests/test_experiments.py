@@ -1,0 +1,178 @@
+"""The experiment scripts run end to end on the bundled model and report consistent numbers.
+
+Whether the bundled weights actually show induction is not asserted here: the scripts report
+that as PASS/FAIL lines, which these tests only check are present and agree with the numbers."""
+
+import importlib.util
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import lens
+
+pytest.importorskip("matplotlib")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def induction():
+    return load_script("induction_heads")
+
+
+@pytest.fixture(scope="module")
+def attribution():
+    return load_script("head_attribution")
+
+
+def summary_lines(report: str) -> list[str]:
+    return [l for l in report.split("## Summary")[1].splitlines() if l.endswith((": PASS", ": FAIL"))]
+
+
+def in_unit_interval(values, tol: float = 1e-5) -> bool:
+    t = torch.tensor(values, dtype=torch.float64)
+    return bool(torch.isfinite(t).all() and (t >= -tol).all() and (t <= 1 + tol).all())
+
+
+def test_repeated_random_tokens(induction):
+    model = lens.HookedGPT.from_pretrained("lens-tiny-attn2l")
+    tokens = induction.repeated_random_tokens(model, seq_len=10, batch=3, seed=0)
+    assert tokens.shape == (3, 21)
+    assert (tokens[:, 0] == model.tokenizer.bos_token_id).all()
+    assert torch.equal(tokens[:, 1:11], tokens[:, 11:])
+    ids = induction.predictable_ids(model)
+    assert 0 < len(ids) < model.cfg.d_vocab and model.tokenizer.bos_token_id not in ids.tolist()
+    assert torch.isin(tokens[:, 1:], ids).all()
+    with pytest.raises(ValueError, match="seq-len"):
+        induction.repeated_random_tokens(model, seq_len=200, batch=1, seed=0)
+
+
+def test_predictable_ids_without_a_masked_vocabulary(induction):
+    model = lens.HookedGPT(lens.GPTConfig(n_layers=2, d_model=16, n_heads=2, d_vocab=37, n_ctx=12,
+                                          attn_only=True))
+    assert induction.bos_id(model) == 0  # no tokenizer: id 0 stands in for BOS
+    assert torch.equal(induction.predictable_ids(model), torch.arange(1, 37))
+
+
+def test_induction_heads_script(induction, tmp_path, capsys):
+    seq_len, batch = 12, 2
+    res = induction.main(["--out", str(tmp_path), "--seq-len", str(seq_len), "--batch", str(batch),
+                          "--n-random", "64", "--seed", "1"])
+    for f in ["report.md", "loss_per_position.png", "previous_token_scores.png",
+              "induction_scores.png", "k_composition.png"]:
+        assert (tmp_path / f).stat().st_size > 0, f
+    report = (tmp_path / "report.md").read_text()
+    assert report.strip() in capsys.readouterr().out
+    for section in ["## (a) Loss on repeated random tokens", "## (b) Previous-token and induction scores",
+                    "## (c) K-composition", "## (d) Ablating the induction heads",
+                    "## (e) OV copying scores", "## Summary"]:
+        assert section in report
+
+    # the PASS/FAIL lines agree with the returned checks
+    lines = summary_lines(report)
+    assert len(lines) == len(res["checks"]) == 7
+    assert sum(l.endswith("PASS") for l in lines) == sum(res["checks"].values())
+    assert f"{sum(res['checks'].values())}/7 findings reproduced" in report
+
+    # losses: finite, positive, one per predicted position
+    assert len(res["loss_per_position"]) == 2 * seq_len
+    losses = [res["first_repeat_loss"], res["second_repeat_loss"]]
+    losses += [v for a in res["ablation"].values() for v in a.values()]
+    assert all(math.isfinite(v) and v > 0 for v in losses + res["loss_per_position"])
+    assert res["ablation"]["none"] == {"first": res["first_repeat_loss"], "second": res["second_repeat_loss"]}
+    assert f"{res['second_repeat_loss']:.3f}" in report
+
+    # scores in range, shapes [n_layers, n_heads]
+    for key in ["previous_token_scores", "induction_scores", "induction_scores_uniform"]:
+        assert torch.tensor(res[key]).shape == (2, 4)
+        assert in_unit_interval(res[key]), key
+    ov = torch.tensor(res["ov_copying_scores"])
+    assert ov.shape == (2, 4) and (ov.abs() <= 1 + 1e-5).all()
+    comp = torch.tensor(res["k_composition"])
+    assert comp.shape == (2, 4, 2, 4)
+    assert in_unit_interval(comp[0, :, 1, :].tolist()) and torch.isnan(comp[1, :, 0, :]).all()
+    assert 0 < res["baseline_mean"] < 1 and res["baseline_std"] >= 0
+
+    # the heads the checks talk about
+    (li, hi), (lp, hp) = res["top_induction_head"], res["top_previous_token_head"]
+    assert li >= 1 and lp < li
+    assert res["induction_scores"][li][hi] == max(res["induction_scores"][1])
+    assert res["k_composition_top"] == pytest.approx(float(comp[lp, hp, li, hi]))
+    assert res["induction_heads"] and all(l >= 1 for l, _ in res["induction_heads"])
+    assert f"L{li}H{hi}" in lines[1]
+
+
+def test_head_attribution_script(attribution, tmp_path, capsys):
+    res = attribution.main(["--out", str(tmp_path), "--n-prompts", "3"])
+    assert (tmp_path / "report.md").stat().st_size > 0
+    assert (tmp_path / "dla_heads.png").stat().st_size > 0
+    assert (tmp_path / "dla_layers.png").stat().st_size > 0
+    report = (tmp_path / "report.md").read_text()
+    assert report.strip() in capsys.readouterr().out
+    for section in ["## Prompts", "## Per-head attribution", "## Per-layer attribution", "## Summary"]:
+        assert section in report
+
+    diff = torch.tensor(res["logit_diff"])
+    assert diff.shape == (3,) and torch.isfinite(diff).all()
+    # the attributions add up to the model's own logit difference, prompt by prompt
+    assert torch.allclose(torch.tensor(res["head_sum"]), diff, atol=1e-4)
+    assert torch.allclose(torch.tensor(res["layer_sum"]), diff, atol=1e-4)
+    grid = torch.tensor(res["per_head"])
+    assert grid.shape == (2, 4)
+    total = grid.sum() + res["remainder"] + res["constant"]
+    assert float(total) == pytest.approx(float(diff.mean()), abs=1e-4)
+    assert sum(res["per_layer"].values()) + res["constant"] == pytest.approx(float(diff.mean()), abs=1e-4)
+    assert list(res["per_layer"]) == ["embed", "L0", "L1"]
+    assert res["checks"]["sums_to_logit_diff"] and res["max_error"] < 1e-4
+    lines = summary_lines(report)
+    assert len(lines) == 3 and lines[0].endswith("PASS")
+    assert sum(l.endswith("PASS") for l in lines) == sum(res["checks"].values())
+    assert re.search(r"\| L1 \| [-+]\d", report)  # the per-head table has a row per layer
+
+
+def test_head_attribution_without_gpt2_weights(attribution, tmp_path, monkeypatch, capsys):
+    def unavailable(name, **kwargs):
+        raise ValueError(f"{name!r} is not a local path, its weights are not in the HF hub cache")
+
+    monkeypatch.setattr(lens.HookedGPT, "from_pretrained", unavailable)
+    res = attribution.main(["--model", "gpt2", "--out", str(tmp_path / "out")])
+    assert res["skipped"]
+    assert "gpt2 weights are not in the Hugging Face hub cache" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_induction_target_scores_a_perfect_induction_head(induction):
+    """A head forced to attend exactly as an induction head scores 1 on the script's target;
+    one forced to attend to the previous token scores 1 as a previous-token head."""
+    from lens import circuits
+    model = lens.HookedGPT.from_pretrained("lens-tiny-attn2l")
+    seq_len = 6
+    tokens = induction.repeated_random_tokens(model, seq_len, batch=2, seed=0)
+    target = induction.induction_target(seq_len)
+    n = tokens.shape[1]
+    prev = circuits.previous_token_pattern(n)
+    prev[0, 0] = 1.0
+
+    def force(pattern, hook):
+        pattern = pattern.clone()
+        induction_rows = target.sum(-1) > 0
+        pattern[:, 2] = torch.where(induction_rows[:, None], target, pattern[:, 2])
+        pattern[:, 1] = prev
+        return pattern
+
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", force)]):
+        ind = circuits.detect_head(model, tokens, target)
+        prev_scores = circuits.previous_token_scores(model, tokens)
+    assert float(ind[1, 2]) == pytest.approx(1.0)
+    assert float(prev_scores[1, 1]) == pytest.approx(1.0)
+    assert float(ind[1, 1]) == pytest.approx(0.0)
+    assert induction.top_head(ind, range(1, 2)) == (1, 2)
