@@ -22,7 +22,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(BIN)/python -m lens.cli demo
+	$(BIN)/lens dissect "Hello World" --plot runs/dissect
+	$(BIN)/python experiments/induction_heads.py --out runs/induction
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_forward.py
