@@ -1,0 +1,418 @@
+"""Activation, attribution and path patching: move activations between a clean and a corrupted
+run and score each patch with a metric of the logits. Sweeps stack several patches in one forward
+pass and start each patched run at the patched layer from the cached residual stream."""
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lens.cache import act_name
+from lens.model import HookedGPT
+
+Metric = Callable[[Tensor], Union[Tensor, float]]
+Patch = tuple[Optional[int], Optional[int]]  # (position, head); None patches the whole axis
+
+# site short name -> (position axis, head axis) of its activation [batch, ...]
+SITES: dict[str, tuple[int, Optional[int]]] = {
+    **{s: (1, None) for s in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "pre", "post")},
+    **{s: (1, 2) for s in ("z", "q", "k", "v", "result")},
+    "pattern": (2, 1),  # [batch, n_heads, query_pos, key_pos]: positions are query positions
+}
+PERS = ("layer", "layer_pos", "head", "head_pos")
+DIRECTIONS = ("clean_to_corrupted", "corrupted_to_clean")
+_MLP_SITES = ("resid_mid", "mlp_out", "pre", "post")
+_STREAM_RECEIVERS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
+                     "hook_mlp_in", "hook_mlp_out", "mlp.hook_pre", "mlp.hook_post")
+
+
+@dataclass
+class PatchResult:
+    """A patching sweep. values: [n_layers] (per="layer"), [n_layers, pos] ("layer_pos"),
+    [n_layers, n_heads] ("head") or [n_layers, n_heads, pos] ("head_pos"); labels: axis name ->
+    labels, in the order of values' axes. Activation and path patching store the metric of each
+    patched run; attribution patching the estimated change of the metric (compare it with
+    `values - baseline` of activation patching). clean_metric / corrupted_metric: the metric of
+    the unpatched runs; `baseline` is the one of the run patched into."""
+
+    values: Tensor
+    labels: dict[str, list]
+    site: str
+    per: str
+    direction: str = "clean_to_corrupted"
+    clean_metric: float = math.nan
+    corrupted_metric: float = math.nan
+
+    @property
+    def baseline(self) -> float:
+        return self.corrupted_metric if self.direction == "clean_to_corrupted" else self.clean_metric
+
+    def plot(self, path=None, title: Optional[str] = None):
+        """Heat map (lens.plot.heatmap): layer × pos, layer × head, or (layer, head) × pos."""
+        from lens.plot import heatmap
+        v = self.values.detach().float().cpu()
+        lab = {axis: [str(x) for x in labels] for axis, labels in self.labels.items()}
+        title = title or f"{self.site} patched per {self.per} ({self.direction.replace('_', ' ')})"
+        if self.per == "layer":
+            return heatmap(v[None], ["metric"], lab["layer"], title, "layer", "", path)
+        if self.per == "head_pos":
+            rows = [f"L{l}H{h}" for l in lab["layer"] for h in lab["head"]]
+            return heatmap(v.flatten(0, 1), rows, lab["pos"], title, "position", "layer, head", path)
+        cols = "pos" if self.per == "layer_pos" else "head"
+        return heatmap(v, lab["layer"], lab[cols], title, "position" if cols == "pos" else cols, "layer", path)
+
+
+# ---------------------------------------------------------------------- checks and helpers
+def _runs(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
+          corrupted_tokens: Int[Tensor, "_batch _pos"], direction: str) -> tuple[Tensor, Tensor]:
+    """(base, source) tokens: the run patched into and the run the patches come from."""
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise ValueError(f"clean_tokens has shape {tuple(clean_tokens.shape)} but corrupted_tokens "
+                         f"has shape {tuple(corrupted_tokens.shape)}; patching maps each (prompt, "
+                         "position) to the same one, so the shapes must be equal")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}; valid values are {DIRECTIONS}")
+    clean, corrupted = model.check_tokens(clean_tokens), model.check_tokens(corrupted_tokens)
+    return (corrupted, clean) if direction == "clean_to_corrupted" else (clean, corrupted)
+
+
+def _check_site(model: HookedGPT, site: str, per: str) -> None:
+    valid_sites = [s for s in SITES if not (model.cfg.attn_only and s in _MLP_SITES)]
+    if site not in valid_sites:
+        extra = " (the model is attention-only)" if site in SITES else ""
+        raise ValueError(f"unknown site {site!r}{extra}; valid sites are {valid_sites}")
+    valid = PERS if SITES[site][1] is not None else PERS[:2]
+    if per not in valid:
+        raise ValueError(f"per={per!r} is not valid for site {site!r}; valid values are {list(valid)}")
+
+
+def _score(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
+    """The metric of one run's logits as a 0-d tensor: a [batch] metric is averaged."""
+    out = metric(logits)
+    try:
+        t = out if isinstance(out, Tensor) else torch.as_tensor(out, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is not None and t.ndim == 0:
+        return t
+    batch = logits.shape[0]
+    if t is not None and t.shape == (batch,):
+        return t.mean()
+    got = f"shape {tuple(t.shape)}" if t is not None else type(out).__name__
+    raise ValueError(f"metric(logits) returned {got}; it must return a scalar or a [batch={batch}] "
+                     "tensor (which is averaged over the batch)")
+
+
+def _scores(metric: Metric, logits: Float[Tensor, "stacked pos d_vocab"], copies: int) -> list[Tensor]:
+    """Score each copy of the original batch separately, so the metric sees [batch, pos, d_vocab]."""
+    return [_score(metric, chunk) for chunk in logits.chunk(copies)]
+
+
+def _grid(per: str, n_heads: int, n_pos: int) -> list[Patch]:
+    """The patches of one layer, in the row-major order of values' trailing axes."""
+    heads = range(n_heads) if per.startswith("head") else [None]
+    positions = range(n_pos) if per.endswith("pos") else [None]
+    return [(p, h) for h in heads for p in positions]
+
+
+def _grid_shape(per: str, n_heads: int, n_pos: int) -> tuple[int, ...]:
+    return (n_heads,) * per.startswith("head") + (n_pos,) * per.endswith("pos")
+
+
+def _mask(patches: Sequence[Patch], shape: tuple[int, ...], pos_axis: int,
+          head_axis: Optional[int], device) -> Tensor:
+    """Boolean [k, 1, ...] mask over k stacked copies of an activation of `shape` [batch, ...]:
+    copy i is True where patch i replaces the activation."""
+    k = len(patches)
+    mask = torch.ones([k, 1] + [1] * (len(shape) - 1), dtype=torch.bool)
+    for axis, col in ((pos_axis, 0), (head_axis, 1)):
+        idx = [p[col] for p in patches]
+        if axis is None or idx[0] is None:
+            continue
+        view = [k] + [1] * len(shape)
+        view[axis + 1] = shape[axis]
+        mask = mask & (torch.arange(shape[axis]) == torch.tensor(idx)[:, None]).view(view)
+    return mask.to(device)
+
+
+def _patch(act: Tensor, mask: Tensor, source: Tensor) -> Tensor:
+    """Copy i of the stacked activation [k*batch, ...] takes `source` [batch, ...] where mask[i]."""
+    stacked = act.unflatten(0, (mask.shape[0], -1))
+    return torch.where(mask, source, stacked).flatten(0, 1)
+
+
+def _chunk(model: HookedGPT, tokens: Tensor, batch_size: Optional[int],
+           memory_budget: Union[int, float, None], extra_width: int = 0) -> int:
+    """Patches per forward pass: batch_size, or as many copies as fit in the memory budget by an
+    estimate of the live activations of one copy (stream, MLP, attention scores, logits)."""
+    if batch_size is not None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive int (patches per forward)")
+        return batch_size
+    cfg, (b, n) = model.cfg, tokens.shape
+    if memory_budget is None:
+        dev = tokens.device
+        memory_budget = 0.5 * torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 2.0 ** 30
+    width = 4 * cfg.d_model + 2 * (cfg.d_mlp or 0) + 3 * cfg.n_heads * n + cfg.d_vocab + extra_width
+    return max(1, int(memory_budget // (b * n * width * cfg.dtype.itemsize)))
+
+
+def _labels(model: HookedGPT, tokens: Tensor, per: str) -> dict[str, list]:
+    """Axis labels; positions are "str_token_position" of the first prompt with a tokenizer."""
+    L, H, n = model.cfg.n_layers, model.cfg.n_heads, tokens.shape[1]
+    labels: dict[str, list] = {"layer": list(range(L))}
+    if per.startswith("head"):
+        labels["head"] = list(range(H))
+    if per.endswith("pos"):
+        labels["pos"] = list(range(n)) if model.tokenizer is None else [
+            f"{t}_{i}" for i, t in enumerate(model.to_str_tokens(tokens[0]))]
+    return labels
+
+
+def _baselines(metric: Metric, base_logits: Tensor, src_logits: Tensor) -> tuple[float, float]:
+    """The metric of the unpatched base and source runs (checking what the metric returns)."""
+    return float(_score(metric, base_logits)), float(_score(metric, src_logits))
+
+
+def _result(model, values, base, src, site, per, direction, baselines) -> PatchResult:
+    (base_m, src_m), forward = baselines, direction == "clean_to_corrupted"
+    clean, corrupted = (src, base) if forward else (base, src)
+    clean_m, corrupted_m = (src_m, base_m) if forward else (base_m, src_m)
+    return PatchResult(values, _labels(model, clean, per), site, per, direction, clean_m, corrupted_m)
+
+
+# ---------------------------------------------------------------------- activation patching
+def activation_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
+                     corrupted_tokens: Int[Tensor, "_batch _pos"], metric: Metric, site: str = "z",
+                     per: str = "head_pos", direction: str = "clean_to_corrupted",
+                     batch_size: Optional[int] = None, memory_budget: Union[int, float, None] = None,
+                     progress: bool = True) -> PatchResult:
+    """Patch `site` ("z", "resid_pre", "pattern", ...: see SITES) from the source run into the
+    base run, one patch per layer × (head) × (position) as `per` says, and score each patched run.
+
+    direction "clean_to_corrupted" patches clean activations into the corrupted run (base =
+    corrupted); "corrupted_to_clean" the reverse. metric(logits) -> scalar or [batch] (averaged)
+    is called once per patch on that patch's logits, [batch, pos, d_vocab] exactly as in an
+    unbatched run, even though the patched runs are stacked along the batch axis: batch_size
+    patches per forward pass (default: as many as fit in memory_budget bytes, 1 GiB on CPU and
+    half the free memory on a GPU). Each run starts at the patched layer from the base run's
+    cached residual stream (a patch of resid_post at layer l starts at layer l + 1).
+    """
+    base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
+    _check_site(model, site, per)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    names = [act_name(site, l) for l in range(L)]
+    stream = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    grid = _grid(per, H, base.shape[1])
+    k = _chunk(model, base, batch_size, memory_budget, 2 * H * model.cfg.d_model if site == "result" else 0)
+    scores: list[Tensor] = []
+    with torch.no_grad(), tqdm(total=L * len(grid), disable=not progress,
+                               desc=f"patching {site} per {per}") as bar:
+        src_logits, src_cache = model.run_with_cache(src, names_filter=names)
+        base_logits, base_cache = model.run_with_cache(base, names_filter=stream)
+        baselines = _baselines(metric, base_logits, src_logits)
+        for l in range(L):
+            start = l + 1 if site == "resid_post" else l
+            source = src_cache[names[l]]
+            for i in range(0, len(grid), k):
+                patches = grid[i:i + k]
+                mask = _mask(patches, tuple(source.shape), *SITES[site], source.device)
+                x = base_cache[stream[start]].repeat(len(patches), 1, 1)
+                if site in ("resid_pre", "resid_post"):  # the patched stream is the input itself
+                    logits = model(_patch(x, mask, source), start_at_layer=start)
+                else:
+                    hook = (names[l], lambda act, hook: _patch(act, mask, source))
+                    logits = model.run_with_hooks(x, start_at_layer=start, fwd_hooks=[hook])
+                scores += _scores(metric, logits, len(patches))
+                bar.update(len(patches))
+    values = torch.stack(scores).float().cpu().view(L, *_grid_shape(per, H, base.shape[1]))
+    return _result(model, values, base, src, site, per, direction, baselines)
+
+
+# ---------------------------------------------------------------------- attribution patching
+def attribution_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
+                      corrupted_tokens: Int[Tensor, "_batch _pos"], metric: Metric, site: str = "z",
+                      per: str = "head_pos", direction: str = "clean_to_corrupted",
+                      batch_size: Optional[int] = None, memory_budget: Union[int, float, None] = None,
+                      progress: bool = True) -> PatchResult:
+    """The first-order estimate of activation patching's effect on the metric:
+    (source_act - base_act) · d metric / d act at the base run, summed over the axes that `per`
+    does not keep (and over the batch). One forward + backward on the base run and one forward
+    on the source run, whatever the grid. values estimate `activation_patch(...).values -
+    baseline`; they are exact where the metric is linear in the patched activation.
+    batch_size, memory_budget and progress are accepted for a drop-in swap and not needed."""
+    base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
+    _check_site(model, site, per)
+    names = [act_name(site, l) for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        src_logits, src_cache = model.run_with_cache(src, names_filter=names)
+    acts: dict[str, Tensor] = {}
+
+    def keep(x: Tensor, hook) -> Tensor:
+        if not x.requires_grad:  # frozen weights: start the graph at the first site
+            x = x.detach().requires_grad_()
+        acts[hook.name] = x
+        return x
+
+    with torch.enable_grad():
+        base_logits = model.run_with_hooks(base, fwd_hooks=[(names, keep)])
+        m = _score(metric, base_logits)
+        if not m.requires_grad:
+            raise ValueError("attribution patching differentiates the metric: metric(logits) must "
+                             "return a tensor computed from the logits, not a number or a detached tensor")
+        grads = torch.autograd.grad(m, [acts[n] for n in names], allow_unused=True)
+    pos_axis, head_axis = SITES[site]
+    kept = [a for a, on in ((pos_axis, per.endswith("pos")), (head_axis, per.startswith("head"))) if on]
+    rows = []
+    for name, grad in zip(names, grads):
+        delta = src_cache[name] - acts[name].detach()
+        prod = delta * grad if grad is not None else torch.zeros_like(delta)
+        prod = prod.sum(dim=[a for a in range(prod.ndim) if a not in kept])
+        rows.append(prod.T if len(kept) == 2 and pos_axis < head_axis else prod)  # head before pos
+    values = torch.stack(rows).float().cpu()
+    baselines = _baselines(metric, base_logits.detach(), src_logits)
+    return _result(model, values, base, src, site, per, direction, baselines)
+
+
+# ---------------------------------------------------------------------- path patching
+Receiver = Union[str, tuple]
+
+
+def _parse_receivers(model: HookedGPT, receivers: Sequence[Receiver]) -> list[tuple[str, int, Optional[int]]]:
+    """(hook name, layer, head or None) per receiver."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    usage = (f"a receiver is (layer, head, 'q'|'k'|'v') or a stream hook name such as "
+             f"'blocks.{L - 1}.hook_resid_post' or ('resid_post', -1); stream hooks end in "
+             f"{list(_STREAM_RECEIVERS)}")
+    out = []
+    for r in receivers:
+        if isinstance(r, tuple) and len(r) == 3:
+            l, h, c = r
+            if not (isinstance(l, int) and -L <= l < L and isinstance(h, int) and 0 <= h < H
+                    and c in ("q", "k", "v")):
+                raise ValueError(f"receiver {r!r} is not valid for n_layers={L}, n_heads={H}; {usage}")
+            out.append((f"blocks.{l % L}.hook_{c}_input", l % L, h))
+            continue
+        try:
+            name = act_name(*r, n_layers=L) if isinstance(r, tuple) else r
+        except (KeyError, TypeError):
+            name = None
+        if not isinstance(name, str) or name not in model.hook_dict or not name.endswith(_STREAM_RECEIVERS):
+            raise ValueError(f"receiver {r!r} is not valid; {usage}")
+        out.append((name, model.hook_dict[name].layer(), None))
+    if not out:
+        raise ValueError(f"receivers is empty; {usage}")
+    return out
+
+
+def _parse_senders(model: HookedGPT, senders: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    out = []
+    for s in senders:
+        if not (isinstance(s, (tuple, list)) and len(s) == 2 and all(isinstance(i, int) for i in s)
+                and -L <= s[0] < L and 0 <= s[1] < H):
+            raise ValueError(f"sender {s!r} is not a (layer, head) of a model with n_layers={L}, "
+                             f"n_heads={H}")
+        out.append((s[0] % L, s[1]))
+    if not out:
+        raise ValueError("senders is empty; give at least one (layer, head)")
+    return out
+
+
+def _path_runs(model: HookedGPT, base: Tensor, src: Tensor, metric: Metric,
+               sender_sets: list[list[tuple[int, int]]], recv: list[tuple[str, int, Optional[int]]],
+               k: int, progress: bool) -> tuple[list[Tensor], tuple[float, float]]:
+    """Path-patch each sender set to the receivers, k sets per forward pass."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    z_names = [act_name("z", l) for l in range(L)]
+    stream = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    recv_names = list(dict.fromkeys(n for n, _, _ in recv))
+    r_lo, r_hi = min(l for _, l, _ in recv), max(l for _, l, _ in recv) + 1
+    scores: list[Tensor] = []
+    with torch.no_grad(), tqdm(total=len(sender_sets), disable=not progress, desc="path patching") as bar:
+        # 1. the base and source runs
+        src_logits, src_cache = model.run_with_cache(src, names_filter=z_names)
+        base_logits, base_cache = model.run_with_cache(base, names_filter=z_names + stream)
+        baselines = _baselines(metric, base_logits, src_logits)
+        for i in range(0, len(sender_sets), k):
+            sets = sender_sets[i:i + k]
+            senders = torch.zeros(L, len(sets), H, dtype=torch.bool)
+            for j, s in enumerate(sets):
+                for l, h in s:
+                    senders[l, j, h] = True
+            senders = senders.to(base.device)[..., None, None, :, None]  # [L, k, 1, 1, H, 1]
+
+            # 2. senders from the source run, every other head frozen at the base run; MLPs and
+            #    LayerNorms recompute. Capture what the receivers read.
+            def freeze(z: Tensor, hook) -> Tensor:
+                n = hook.name
+                return torch.where(senders[hook.layer()], src_cache[n], base_cache[n]).flatten(0, 1)
+
+            captured: dict[tuple[str, Optional[int]], Tensor] = {}
+
+            def grab(x: Tensor, hook) -> None:
+                for n, _, h in recv:
+                    if n == hook.name:
+                        captured[n, h] = (x if h is None else x[:, :, h]).clone()
+
+            start = min(r_lo, min(l for s in sets for l, _ in s))
+            x = base_cache[stream[start]].repeat(len(sets), 1, 1)
+            model.run_with_hooks(x, start_at_layer=start, stop_at_layer=r_hi,
+                                 fwd_hooks=[(z_names[start:r_hi], freeze), (recv_names, grab)])
+
+            # 3. a run where only the receivers' inputs are patched
+            def put(x: Tensor, hook) -> Tensor:
+                x = x.clone()
+                for n, _, h in recv:
+                    if n == hook.name and h is None:
+                        x = captured[n, h]
+                    elif n == hook.name:
+                        x[:, :, h] = captured[n, h]
+                return x
+
+            x = base_cache[stream[r_lo]].repeat(len(sets), 1, 1)
+            logits = model.run_with_hooks(x, start_at_layer=r_lo, fwd_hooks=[(recv_names, put)])
+            scores += _scores(metric, logits, len(sets))
+            bar.update(len(sets))
+    return scores, baselines
+
+
+def path_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
+               corrupted_tokens: Int[Tensor, "_batch _pos"], metric: Metric,
+               senders: Sequence[Sequence[int]], receivers: Sequence[Receiver],
+               direction: str = "clean_to_corrupted") -> float:
+    """The metric when the senders' change (source run instead of base run) reaches the
+    receivers only directly, as in the IOI paper (Wang et al., 2022): (1) cache both runs;
+    (2) run the base input with the senders' z from the source run and every other head's z
+    frozen at the base run (MLPs recompute), and record the receivers' inputs; (3) run the base
+    input with only those inputs patched in and score it.
+
+    senders: (layer, head) pairs. receivers: (layer, head, "q"|"k"|"v") for a head's query, key
+    or value input (hook_q_input etc.), or a stream hook name ("blocks.3.hook_resid_post", or
+    ("resid_post", -1) for the last layer). The IOI paper's setup, with the senders carrying the
+    corrupted (ABC) run into the clean one, is direction="corrupted_to_clean"."""
+    base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
+    sets, recv = [_parse_senders(model, senders)], _parse_receivers(model, receivers)
+    return float(_path_runs(model, base, src, metric, sets, recv, 1, False)[0][0])
+
+
+def path_patch_senders(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
+                       corrupted_tokens: Int[Tensor, "_batch _pos"], metric: Metric,
+                       receivers: Sequence[Receiver], direction: str = "clean_to_corrupted",
+                       batch_size: Optional[int] = None, memory_budget: Union[int, float, None] = None,
+                       progress: bool = True) -> PatchResult:
+    """path_patch from each head alone to `receivers`: values [n_layers, n_heads] (site "z",
+    per "head"), several sender heads per forward pass as in activation_patch."""
+    base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
+    recv = _parse_receivers(model, receivers)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    sets = [[(l, h)] for l in range(L) for h in range(H)]
+    k = _chunk(model, base, batch_size, memory_budget, 2 * H * model.cfg.d_model)
+    scores, baselines = _path_runs(model, base, src, metric, sets, recv, k, progress)
+    values = torch.stack(scores).float().cpu().view(L, H)
+    return _result(model, values, base, src, "z", "head", direction, baselines)

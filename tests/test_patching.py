@@ -1,0 +1,317 @@
+"""Activation, attribution and path patching: batched, layer-skipping sweeps equal the naive loop
+of one full forward per patch; attribution patching is exact where the model is linear in the
+patched activation; path patching equals a hand-written three-step version."""
+
+import pytest
+import torch
+from conftest import make_model, make_tokens
+
+from lens.cache import act_name
+from lens.patching import (PatchResult, activation_patch, attribution_patch, path_patch,
+                           path_patch_senders)
+
+# where the position and head axes of each site's activation [batch, ...] are
+AXES = {**{s: (1, None) for s in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "pre", "post")},
+        **{s: (1, 2) for s in ("z", "q", "k", "v", "result")}, "pattern": (2, 1)}
+MLP_SITES = ("resid_mid", "mlp_out", "pre", "post")
+CASES = [(site, per) for site, (_, head) in AXES.items()
+         for per in (("layer", "layer_pos", "head", "head_pos") if head else ("layer", "layer_pos"))]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a thread pool, whose waits dominate on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def logit_diff(logits):  # [batch]
+    return logits[:, -1, 3] - logits[:, -1, 5]
+
+
+def coupled(logits):  # a scalar that mixes the prompts of the batch: it must see the original batch
+    return logits[0, -1].log_softmax(-1)[3] * logits[1, :, 5].mean()
+
+
+def tokens_pair(model, batch=2, pos=5):
+    clean = make_tokens(model, batch, pos, seed=1)
+    corrupted = clean.clone()
+    corrupted[:, 1] = make_tokens(model, batch, pos, seed=2)[:, 1]  # two prompts differing in
+    corrupted[:, 3] = make_tokens(model, batch, pos, seed=3)[:, 3]  # two positions
+    return clean, corrupted
+
+
+def naive_patched_logits(model, clean, corrupted, site, per, direction):
+    """One full forward per patch, copying the source activation into the base run with a hook:
+    the logits of each patch, in the order layer, (head), (position)."""
+    base, src = (corrupted, clean) if direction == "clean_to_corrupted" else (clean, corrupted)
+    _, src_cache = model.run_with_cache(src)
+    pos_axis, head_axis = AXES[site]
+    heads = range(model.cfg.n_heads) if per.startswith("head") else [None]
+    positions = range(base.shape[1]) if per.endswith("pos") else [None]
+    logits = []
+    for layer in range(model.cfg.n_layers):
+        name = act_name(site, layer)
+        for h in heads:
+            for p in positions:
+                idx = [slice(None)] * src_cache[name].ndim
+                if p is not None:
+                    idx[pos_axis] = p
+                if h is not None:
+                    idx[head_axis] = h
+
+                def hook(act, hook, idx=tuple(idx)):
+                    act = act.clone()
+                    act[idx] = src_cache[hook.name][idx]
+                    return act
+
+                logits.append(model.run_with_hooks(base, fwd_hooks=[(name, hook)]))
+    return logits
+
+
+def naive_values(model, logits, metric, per, n_pos):
+    values = [m.mean() if m.ndim else m for m in map(metric, logits)]
+    shape = (model.cfg.n_heads,) * per.startswith("head") + (n_pos,) * per.endswith("pos")
+    return torch.stack(values).view(model.cfg.n_layers, *shape)
+
+
+MODELS = {
+    "gpt2-like": dict(n_layers=2),
+    "attn-only": dict(n_layers=2, attn_only=True),
+    "no-LN": dict(n_layers=2, normalization=None),
+}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("site,per", CASES)
+def test_activation_patch_equals_naive_loop(kind, site, per):
+    model = make_model(0, **MODELS[kind])
+    if model.cfg.attn_only and site in MLP_SITES:
+        pytest.skip("no MLP in an attention-only model")
+    clean, corrupted = tokens_pair(model)
+    for direction in ("clean_to_corrupted", "corrupted_to_clean"):
+        logits = naive_patched_logits(model, clean, corrupted, site, per, direction)
+        # several patches per forward (a remainder chunk with batch_size=3) and the default
+        for metric, batch_size in ((logit_diff, 3), (coupled, None)):
+            got = activation_patch(model, clean, corrupted, metric, site=site, per=per,
+                                   direction=direction, batch_size=batch_size, progress=False)
+            want = naive_values(model, logits, metric, per, clean.shape[1])
+            assert got.values.shape == want.shape
+            torch.testing.assert_close(got.values, want, atol=2e-5, rtol=2e-5)
+            assert (got.site, got.per, got.direction) == (site, per, direction)
+            assert list(got.labels) == (["layer"] + ["head"] * per.startswith("head")
+                                        + ["pos"] * per.endswith("pos"))
+
+
+def test_invariants_of_activation_patching(model):
+    clean, corrupted = tokens_pair(model)
+    # clean into clean changes nothing
+    same = activation_patch(model, clean, clean, logit_diff, site="z", per="head_pos", progress=False)
+    torch.testing.assert_close(same.values, torch.full_like(same.values, same.clean_metric), atol=1e-5, rtol=0)
+    # the whole stream at layer 0 (or after the last layer) patched from clean is the clean run
+    for site, layer in (("resid_pre", 0), ("resid_post", -1)):
+        r = activation_patch(model, clean, corrupted, logit_diff, site=site, per="layer", progress=False)
+        assert r.values[layer].item() == pytest.approx(r.clean_metric, abs=1e-5)
+        assert r.baseline == r.corrupted_metric != r.clean_metric
+    # a memory budget of one copy gives one patch per forward, with the same values
+    one = activation_patch(model, clean, corrupted, logit_diff, site="pattern", per="head_pos",
+                           memory_budget=1, progress=False)
+    many = activation_patch(model, clean, corrupted, logit_diff, site="pattern", per="head_pos", progress=False)
+    torch.testing.assert_close(one.values, many.values, atol=1e-5, rtol=1e-5)
+
+
+def test_progress_bar_labels_and_plots(model, tmp_path, capsys):
+    from lens.tokenizer import Tokenizer
+    clean, corrupted = tokens_pair(model)
+    r = activation_patch(model, clean, corrupted, logit_diff, site="z", per="head_pos")
+    assert "patching z per head_pos" in capsys.readouterr().err
+    assert r.labels == {"layer": [0, 1], "head": [0, 1], "pos": list(range(5))}
+    for per in ("layer", "layer_pos", "head", "head_pos"):
+        res = activation_patch(model, clean, corrupted, logit_diff, site="q", per=per, progress=False)
+        res.plot(path=tmp_path / f"{per}.png")
+        assert (tmp_path / f"{per}.png").stat().st_size > 0
+    model.tokenizer = Tokenizer.gpt2()
+    r = activation_patch(model, clean, corrupted, logit_diff, site="resid_pre", per="layer_pos", progress=False)
+    assert r.labels["pos"] == [f"{t}_{i}" for i, t in enumerate(model.to_str_tokens(clean[0]))]
+
+
+# ---------------------------------------------------------------------- attribution patching
+LINEAR_SITES = {
+    # No LayerNorm and no MLP: the logits are W_U (resid_pre + Σ heads' z W_O + b_O) + b_U after the
+    # last layer, so a logit difference is linear in that layer's z, result, attn_out, resid_post,
+    # in v (z = pattern · v, and the pattern does not depend on v) and in the pattern (v fixed).
+    "attn-only": (dict(n_layers=2, attn_only=True, normalization=None),
+                  ("z", "result", "v", "pattern", "attn_out", "resid_post")),
+    # No LayerNorm: the last MLP's output W_out · post + b_out reaches the logits linearly.
+    "mlp": (dict(n_layers=2, normalization=None), ("post", "mlp_out", "resid_post")),
+}
+
+
+@pytest.mark.parametrize("kind", list(LINEAR_SITES))
+def test_attribution_is_exact_where_the_model_is_linear(kind):
+    cfg, sites = LINEAR_SITES[kind]
+    model = make_model(3, **cfg)
+    clean, corrupted = tokens_pair(model)
+    for site in sites:
+        pers = ("layer", "layer_pos", "head", "head_pos") if AXES[site][1] else ("layer", "layer_pos")
+        for per in pers:
+            for direction in ("clean_to_corrupted", "corrupted_to_clean"):
+                kw = dict(site=site, per=per, direction=direction, progress=False)
+                act = activation_patch(model, clean, corrupted, logit_diff, **kw)
+                attr = attribution_patch(model, clean, corrupted, logit_diff, **kw)
+                assert attr.values.shape == act.values.shape
+                torch.testing.assert_close(attr.values[-1], act.values[-1] - act.baseline, atol=1e-4, rtol=1e-4)
+                if site == "z":  # the first layer reaches the logits through softmax: not exact there
+                    assert not torch.allclose(attr.values[0], act.values[0] - act.baseline, atol=1e-3)
+
+
+def test_attribution_correlates_with_activation_patching():
+    model = make_model(4, n_layers=3)
+    clean, corrupted = tokens_pair(model, batch=3, pos=8)
+    for site, per in (("z", "head_pos"), ("resid_pre", "layer_pos"), ("mlp_out", "layer_pos")):
+        act = activation_patch(model, clean, corrupted, logit_diff, site=site, per=per, progress=False)
+        attr = attribution_patch(model, clean, corrupted, logit_diff, site=site, per=per)
+        pair = torch.stack([(act.values - act.baseline).flatten(), attr.values.flatten()])
+        r = torch.corrcoef(pair)[0, 1].item()
+        print(f"attribution vs activation patching, {site} per {per}, random model: r = {r:.3f}")
+        assert r > 0.3
+
+
+def test_attribution_with_frozen_weights(model):
+    clean, corrupted = tokens_pair(model)
+    want = attribution_patch(model, clean, corrupted, logit_diff, site="z", per="head")
+    model.requires_grad_(False)
+    with torch.no_grad():
+        got = attribution_patch(model, clean, corrupted, logit_diff, site="z", per="head")
+    torch.testing.assert_close(got.values, want.values)
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- path patching
+def naive_path_patch(model, clean, corrupted, metric, senders, receivers, direction):
+    """The IOI paper's three steps with full forward passes."""
+    base, src = (corrupted, clean) if direction == "clean_to_corrupted" else (clean, corrupted)
+    _, base_cache = model.run_with_cache(base)
+    _, src_cache = model.run_with_cache(src)
+
+    def freeze(z, hook):  # every head at its base value, the senders at their source value
+        z = base_cache[hook.name].clone()
+        for layer, head in senders:
+            if layer == hook.layer():
+                z[:, :, head] = src_cache[hook.name][:, :, head]
+        return z
+
+    recv = [(f"blocks.{r[0]}.hook_{r[2]}_input", r[1]) if len(r) == 3 else (r, None) for r in receivers]
+    names = sorted({n for n, _ in recv})
+    seen = {}
+
+    def grab(x, hook):
+        seen[hook.name] = x.clone()
+
+    model.run_with_hooks(base, fwd_hooks=[(lambda n: n.endswith("attn.hook_z"), freeze)]
+                         + [(n, grab) for n in names])
+
+    def put(x, hook):
+        x = x.clone()
+        for n, head in recv:
+            if n == hook.name and head is None:
+                x = seen[n]
+            elif n == hook.name:
+                x[:, :, head] = seen[n][:, :, head]
+        return x
+
+    m = metric(model.run_with_hooks(base, fwd_hooks=[(n, put) for n in names]))
+    return float((m.mean() if m.ndim else m).detach())
+
+
+PATHS = [
+    ([(0, 1)], [(1, 0, "q")]),
+    ([(0, 0), (1, 1)], [(2, 1, "k"), (2, 0, "v"), (1, 0, "q")]),
+    ([(0, 1), (1, 0)], ["blocks.1.hook_resid_mid"]),
+    ([(1, 1)], ["blocks.2.mlp.hook_post", (2, 0, "q")]),
+    ([(2, 0)], [(1, 1, "v")]),  # no path: the base run
+]
+
+
+@pytest.mark.parametrize("senders,receivers", PATHS)
+@pytest.mark.parametrize("direction", ["clean_to_corrupted", "corrupted_to_clean"])
+def test_path_patch_equals_naive(senders, receivers, direction):
+    model = make_model(5, n_layers=3)
+    clean, corrupted = tokens_pair(model)
+    for metric in (logit_diff, coupled):
+        got = path_patch(model, clean, corrupted, metric, [list(s) for s in senders], receivers,
+                         direction=direction)
+        want = naive_path_patch(model, clean, corrupted, metric, senders, receivers, direction)
+        assert got == pytest.approx(want, abs=1e-5, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2-like", "attn-only"])
+def test_path_patch_senders_equals_naive(kind):
+    model = make_model(6, **{**MODELS[kind], "n_layers": 3})
+    clean, corrupted = tokens_pair(model)
+    receivers = [(2, 0, "q"), (2, 1, "k"), "blocks.1.hook_resid_post"]
+    r = path_patch_senders(model, clean, corrupted, logit_diff, receivers, batch_size=4, progress=False)
+    want = torch.tensor([[naive_path_patch(model, clean, corrupted, logit_diff, [(l, h)], receivers,
+                                           "clean_to_corrupted") for h in range(2)] for l in range(3)])
+    torch.testing.assert_close(r.values, want, atol=1e-5, rtol=1e-5)
+    assert (r.site, r.per) == ("z", "head")
+    torch.testing.assert_close(r.values[2], torch.full((2,), r.baseline))  # layer 2 reaches none
+
+
+def test_path_patching_to_the_final_stream_from_the_last_layer_is_activation_patching():
+    # A head in the last layer reaches the final stream only directly, and path patching leaves
+    # the last MLP free to recompute (as activation patching does), so its path effect on
+    # blocks.{L-1}.hook_resid_post is exactly activation patching of its z.
+    model = make_model(7, n_layers=3)
+    clean, corrupted = tokens_pair(model)
+    for direction in ("clean_to_corrupted", "corrupted_to_clean"):
+        act = activation_patch(model, clean, corrupted, logit_diff, site="z", per="head",
+                               direction=direction, progress=False)
+        for receiver in ("blocks.2.hook_resid_post", ("resid_post", -1)):
+            paths = path_patch_senders(model, clean, corrupted, logit_diff, [receiver],
+                                       direction=direction, progress=False)
+            torch.testing.assert_close(paths.values[-1], act.values[-1], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_input_names_what_was_wrong(model):
+    clean, corrupted = tokens_pair(model)
+    with pytest.raises(ValueError, match=r"\(2, 5\).*\(2, 4\)"):
+        activation_patch(model, clean, corrupted[:, :4], logit_diff, progress=False)
+    with pytest.raises(ValueError, match=r"\(2, 5\).*\(1, 5\)"):
+        attribution_patch(model, clean, corrupted[:1], logit_diff)
+    with pytest.raises(ValueError, match=r"shape \(2, 5\); it must return a scalar or a \[batch=2\]"):
+        activation_patch(model, clean, corrupted, lambda lg: lg[:, :, 0], progress=False)
+    with pytest.raises(ValueError, match="returned str"):
+        activation_patch(model, clean, corrupted, lambda lg: "good", progress=False)
+    with pytest.raises(ValueError, match="differentiates the metric"):
+        attribution_patch(model, clean, corrupted, lambda lg: lg[0, -1, 0].detach())
+    with pytest.raises(ValueError, match="unknown site 'zz'; valid sites are .*'resid_pre'"):
+        activation_patch(model, clean, corrupted, logit_diff, site="zz", progress=False)
+    with pytest.raises(ValueError, match=r"per='head' is not valid for site 'attn_out'; valid values are \['layer', 'layer_pos'\]"):
+        activation_patch(model, clean, corrupted, logit_diff, site="attn_out", per="head", progress=False)
+    with pytest.raises(ValueError, match="per='pos'"):
+        attribution_patch(model, clean, corrupted, logit_diff, site="z", per="pos")
+    with pytest.raises(ValueError, match="attention-only"):
+        activation_patch(make_model(attn_only=True), clean, corrupted, logit_diff, site="mlp_out", progress=False)
+    with pytest.raises(ValueError, match="direction='backwards'"):
+        activation_patch(model, clean, corrupted, logit_diff, direction="backwards", progress=False)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        activation_patch(model, clean, corrupted, logit_diff, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match=r"receiver \(1, 5, 'q'\) is not valid"):
+        path_patch(model, clean, corrupted, logit_diff, [(0, 0)], [(1, 5, "q")])
+    with pytest.raises(ValueError, match="receiver 'blocks.1.attn.hook_z' is not valid"):
+        path_patch(model, clean, corrupted, logit_diff, [(0, 0)], ["blocks.1.attn.hook_z"])
+    with pytest.raises(ValueError, match=r"sender \(2, 0\)"):
+        path_patch(model, clean, corrupted, logit_diff, [(2, 0)], [(1, 0, "q")])
+    with pytest.raises(ValueError, match="receivers is empty"):
+        path_patch_senders(model, clean, corrupted, logit_diff, [], progress=False)
+    assert all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
+
+
+def test_result_is_a_dataclass(model):
+    clean, corrupted = tokens_pair(model)
+    r = activation_patch(model, clean, corrupted, logit_diff, site="resid_mid", per="layer_pos", progress=False)
+    assert isinstance(r, PatchResult) and r.values.shape == (2, 5) and r.labels["layer"] == [0, 1]
