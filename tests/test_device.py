@@ -69,3 +69,17 @@ def test_torch_compile_without_hooks_and_with_hooks_added_later():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_the_cpu():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_check
+    rows = gpu_check.main(["--device", "cpu", "--layers", "1", "--repeats", "1", "--no-peers"])
+    parity = {r[0]: r[1] for r in rows if r[0].startswith("parity")}
+    fp32 = float(parity["parity CPU fp32 vs cpu float32"].split()[-1])
+    bf16 = float(parity["parity CPU fp32 vs cpu bfloat16"].split()[-1])
+    assert fp32 < 1e-5 and 0 < bf16 < 0.2
+    assert any(r[0].startswith("patching sweep") for r in rows)
