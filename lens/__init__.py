@@ -1,8 +1,12 @@
 """lens: a GPT in the residual-stream framing, every read and write of the stream a hook point."""
 
+from lens import ablation, attribution, circuits, patching
 from lens.cache import ActivationCache, act_name
 from lens.config import GPTConfig
+from lens.dissect import dissect
+from lens.factored import FactoredMatrix
 from lens.hooks import HookPoint
 from lens.model import HookedGPT
 
-__all__ = ["ActivationCache", "GPTConfig", "HookPoint", "HookedGPT", "act_name"]
+__all__ = ["ActivationCache", "FactoredMatrix", "GPTConfig", "HookPoint", "HookedGPT", "ablation",
+           "act_name", "attribution", "circuits", "dissect", "patching"]

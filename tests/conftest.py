@@ -7,6 +7,10 @@ import torch
 
 import lens
 
+# Tests run two pytest workers on two cores; one thread each avoids thread-pool contention,
+# which dominates the run time of tiny models.
+torch.set_num_threads(1)
+
 
 def make_model(seed: int = 0, **overrides) -> lens.HookedGPT:
     """A tiny GPT with every parameter random (LayerNorm weights and biases included)."""
