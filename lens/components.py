@@ -38,6 +38,23 @@ def weight(shape: tuple[int, ...], memory_order: tuple[int, ...], dtype) -> nn.P
     return nn.Parameter(memory.permute(*inverse))
 
 
+class KVCacheEntry:
+    """One block's keys and values so far, [batch, key_pos, n_heads, d_head], as hook_k and
+    hook_v returned them; new queries attend to these and to the new keys."""
+
+    def __init__(self):
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+    def append(self, k: Float[Tensor, "batch pos n_heads d_head"], v: Float[Tensor, "batch pos n_heads d_head"]
+               ) -> tuple[Float[Tensor, "batch key_pos n_heads d_head"], Float[Tensor, "batch key_pos n_heads d_head"]]:
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
+        self.k, self.v = k, v
+        return k, v
 
 
 class LayerNorm(nn.Module):
@@ -111,11 +128,18 @@ class Attention(nn.Module):
         out = F.linear(x, flat, b.reshape(-1))
         return out.view(*x.shape[:2], *b.shape)
 
-    def forward(self, q_in: Tensor, k_in: Tensor, v_in: Tensor,
-                mask: Optional[Tensor] = None) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, q_in: Tensor, k_in: Tensor, v_in: Tensor, mask: Optional[Tensor] = None,
+                past_kv: Optional[KVCacheEntry] = None) -> Float[Tensor, "batch pos d_model"]:
+        """With `past_kv`, the new keys and values join the cached ones and the queries (the
+        last positions) attend to all of them; `mask` is then [batch, 1, query_pos, key_pos]."""
         q = self.hook_q.run(self.project(q_in, self.W_Q, self.b_Q))
         k = self.hook_k.run(self.project(k_in, self.W_K, self.b_K))
         v = self.hook_v.run(self.project(v_in, self.W_V, self.b_V))
+        if past_kv is not None:
+            k, v = past_kv.append(k, v)
+            n_q, n_k = q.shape[1], k.shape[1]
+            if mask is None and 1 < n_q < n_k:  # causal, aligned to the last key
+                mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
         scale = 1.0 / math.sqrt(self.cfg.d_head)
         if self.hook_attn_scores.active or self.hook_pattern.active:
             z = self.materialised(q, k, v, mask, scale)
@@ -201,10 +225,11 @@ class Block(nn.Module):
             out.append(per_head if ln is None else ln.by_hand(per_head, hooked=False))
         return out[0], out[1], out[2]
 
-    def forward(self, resid: Float[Tensor, "batch pos d_model"],
-                mask: Optional[Tensor] = None) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, resid: Float[Tensor, "batch pos d_model"], mask: Optional[Tensor] = None,
+                past_kv: Optional[KVCacheEntry] = None) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_resid_pre.run(resid)
-        attn_out = self.hook_attn_out.run(self.attn(*self.attn_inputs(resid), mask=mask))
+        attn_out = self.attn(*self.attn_inputs(resid), mask=mask, past_kv=past_kv)
+        attn_out = self.hook_attn_out.run(attn_out)
         if self.cfg.attn_only:
             return self.hook_resid_post.run(resid + attn_out)
         resid = self.hook_resid_mid.run(resid + attn_out)

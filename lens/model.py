@@ -172,8 +172,9 @@ class HookedGPT(Hookable, nn.Module):
             if past_kv is None:
                 positions, mask = self._mask_and_positions(batch, n, attention_mask, tokens.device)
             else:
-                if stop_at_layer is not None:
-                    raise ValueError("past_kv runs every block; it cannot be used with stop_at_layer")
+                if stop != L:
+                    raise ValueError(f"past_kv runs every block; stop_at_layer={stop_at_layer} "
+                                     f"must then be None or n_layers={L}")
                 positions, mask = past_kv.prepare(batch, n, attention_mask, self.cfg.n_ctx, tokens.device)
             self.ctx.positions = positions
             resid = self.hook_embed.run(self.embed(tokens))
