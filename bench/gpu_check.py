@@ -74,6 +74,11 @@ def count_syncs(fn, device) -> str:
 
 
 def main(argv=None) -> list[list[str]]:
+    with torch.no_grad():
+        return _main(argv)
+
+
+def _main(argv) -> list[list[str]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--layers", type=int, default=None, help="default 12 on a GPU, 2 on the CPU")
@@ -85,7 +90,6 @@ def main(argv=None) -> list[list[str]]:
     L = args.layers or (12 if gpu else 2)
     repeats = args.repeats or (10 if gpu else 2)
     batch, pos = (8, 1024) if gpu else (2, 64)
-    torch.set_grad_enabled(False)
     torch.manual_seed(0)
     cfg = lens.GPTConfig(n_layers=L, d_model=768, n_heads=12, d_vocab=50257, n_ctx=1024)
     cpu_model = lens.HookedGPT(cfg).eval()

@@ -5,8 +5,9 @@ from lens.cache import ActivationCache, act_name
 from lens.config import GPTConfig
 from lens.dissect import dissect
 from lens.factored import FactoredMatrix
+from lens.harvest import Harvest, HarvestDataset, harvest
 from lens.hooks import HookPoint
 from lens.model import HookedGPT
 
-__all__ = ["ActivationCache", "FactoredMatrix", "GPTConfig", "HookPoint", "HookedGPT", "ablation",
-           "act_name", "attribution", "circuits", "dissect", "patching"]
+__all__ = ["ActivationCache", "FactoredMatrix", "GPTConfig", "Harvest", "HarvestDataset", "HookPoint", "HookedGPT", "ablation",
+           "act_name", "attribution", "circuits", "dissect", "harvest", "patching"]

@@ -1,5 +1,6 @@
-"""The `lens` command line: `lens demo` walks a model's hook points with their shapes;
-`lens dissect TEXT` walks one prompt through a model's forward pass (see lens.dissect)."""
+"""The `lens` command line: `lens dissect TEXT` walks one prompt through a model's forward pass
+(see lens.dissect), `lens harvest` writes activations over a dataset to disk (see
+lens.harvest), `lens demo` lists a small random model's hook points with their shapes."""
 
 import argparse
 import sys
@@ -51,8 +52,13 @@ def dissect(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harvest"]:  # its own parser, so that `lens harvest -h` shows its options
+        from lens.harvest import cli_main
+        return cli_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("harvest", help="write hook activations over a token dataset to sharded safetensors")
     p = sub.add_parser("demo", help="run a small random model and print every hook point's shape")
     p.add_argument("text", nargs="?", default="Hello World")
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,575 @@
+"""Harvesting activations: run a model over a token dataset and write chosen hook points to
+disk as sharded safetensors with a manifest and running statistics; resumable, data parallel
+under torchrun, and read back memory-mapped (Harvest, ShardedActivations, HarvestDataset)."""
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from lens.cache import run_with_cache
+
+FORMAT = "lens-harvest/1"
+MANIFEST = "manifest.json"
+STATS = "stats.safetensors"
+_PATTERNS = ("hook_pattern", "hook_attn_scores")
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_STAT_CHUNK = 2**18  # elements per float64 chunk when summing a shard
+
+
+# ---------------------------------------------------------------------- the token dataset
+class _Sequences:
+    """Fixed-length token sequences by index, over a tensor, a numpy array/memmap or a file."""
+
+    def __init__(self, data, seq_len: Optional[int], default_len: int):
+        arr = data.cpu().numpy() if isinstance(data, Tensor) else data
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
+            what = getattr(arr, "dtype", type(arr).__name__)
+            raise TypeError(f"tokens must be an integer tensor or array, [n_seq, seq_len] or 1-D, "
+                            f"or a path to a .npy or text file; got {what} of shape "
+                            f"{tuple(getattr(arr, 'shape', ()))}")
+        if arr.ndim == 2:
+            if seq_len is not None and seq_len != arr.shape[1]:
+                raise ValueError(f"seq_len={seq_len} but the tokens are rows of {arr.shape[1]}")
+            self.seq_len = arr.shape[1]
+        else:
+            self.seq_len = L = seq_len or default_len
+            arr = arr[: len(arr) // L * L].reshape(-1, L)  # drops the remainder
+        self.arr, self.n_seq = arr, arr.shape[0]
+        if self.n_seq == 0:
+            raise ValueError(f"the dataset holds no full sequence of seq_len={self.seq_len}")
+
+    def get(self, start: int, stop: int) -> Int[Tensor, "batch pos"]:
+        return torch.from_numpy(np.array(self.arr[start:stop], dtype=np.int64))
+
+    def fingerprint(self) -> str:
+        h, step = hashlib.sha256(f"{self.n_seq}x{self.seq_len}".encode()), max(1, 2**20 // self.seq_len)
+        for s in range(0, self.n_seq, step):
+            h.update(self.get(s, s + step).numpy().tobytes())
+        return h.hexdigest()
+
+
+def _dataset(data, model, seq_len: Optional[int], out_dir: Path, rank: int) -> _Sequences:
+    """A text file is encoded once (blocks of whole lines, ~1 MiB each, no BOS) into an int32
+    token file in out_dir, named by the text's hash, and read memory-mapped like a .npy file."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"no token or text file at {path}")
+        if path.suffix == ".npy":
+            return _Sequences(np.load(path, mmap_mode="r"), seq_len, model.cfg.n_ctx)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(2**24):
+                h.update(block)
+        cache = out_dir / f"tokens-{h.hexdigest()[:16]}.int32"
+        if rank == 0 and not cache.exists():
+            if model.tokenizer is None:
+                raise ValueError(f"{path} is a text file, but the model has no tokenizer to encode it")
+            def encode(tmp: str) -> None:
+                with open(path, encoding="utf-8") as src, open(tmp, "wb") as dst:
+                    while block := "".join(src.readlines(2**20)):
+                        dst.write(np.asarray(model.tokenizer.encode(block), dtype=np.int32).tobytes())
+            _atomic(cache, encode)
+        _barrier()
+        data = np.memmap(cache, dtype=np.int32, mode="r")
+    return _Sequences(data, seq_len, model.cfg.n_ctx)
+
+
+# ---------------------------------------------------------------------- hashing and files
+def model_hash(model) -> str:
+    """sha256 of the config and every weight (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256(model.cfg.to_json().encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _lens_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("lens")
+    except PackageNotFoundError:  # a source checkout that is not installed
+        return "unknown"
+
+
+def _write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    """A safetensors file written straight from the tensors' memory (no serialised copy)."""
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))  # keeps alignment
+    header, offset = {"__metadata__": metadata}, 0
+    for n in names:
+        t = tensors[n]
+        header[n] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + t.numel() * t.element_size()]}
+        offset = header[n]["data_offsets"][1]
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for n in names:
+            f.write(tensors[n].contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _atomic(path: Path, write) -> None:
+    """write(tmp_path) then fsync and rename over path; the temp file never outlives a failure."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True)))
+
+
+def _mmap_tensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file as a zero-copy view of the memory-mapped file."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    storage = torch.UntypedStorage.from_file(str(path), False, path.stat().st_size)
+    out = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            dtype, start = _ST_DTYPES[info["dtype"]], 8 + n + info["data_offsets"][0]
+            assert start % dtype.itemsize == 0, f"{path}: {name} is not aligned for a view"
+            view = torch.empty(0, dtype=dtype)
+            out[name] = view.set_(storage, start // dtype.itemsize, info["shape"])
+    return out
+
+
+def _flat(name: str, act: Tensor) -> Tensor:
+    """[batch, pos, ...] → [batch*pos, ...]; patterns [batch, n_heads, query_pos, key_pos] →
+    [batch*query_pos, n_heads, key_pos]."""
+    if name.endswith(_PATTERNS):
+        act = act.transpose(1, 2)
+    return act.reshape(-1, *act.shape[2:])
+
+
+def _sums(x: Tensor, work: dict) -> Float[Tensor, "n"]:
+    """float64 [sum (per-token size), sum of squares (same), sum of L2 norms, count], in chunks
+    through float64 buffers kept in `work`, so that no large temporary is allocated per shard."""
+    d = x[0].numel()
+    step, x = max(1, _STAT_CHUNK // d), x.reshape(len(x), d)
+    if work.get("d") != d:
+        work.update(d=d, c=torch.empty(step, d, dtype=torch.float64),
+                    sq=torch.empty(step, d, dtype=torch.float64))
+    acc = torch.zeros(2 * d + 2, dtype=torch.float64)
+    for s in range(0, len(x), step):
+        c, sq = work["c"][:len(x) - s], work["sq"][:len(x) - s]
+        c.copy_(x[s:s + step])
+        acc[:d] += c.sum(0)
+        acc[d:2 * d] += torch.mul(c, c, out=sq).sum(0)
+        acc[2 * d] += sq.sum(1).sqrt_().sum()
+    acc[-1] = len(x)
+    return acc
+
+
+# ---------------------------------------------------------------------- distributed
+def _rank_world() -> tuple[int, int]:
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+
+
+def _barrier() -> None:
+    if _rank_world()[1] > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------- the writer
+class _Writer(threading.Thread):
+    """Writes shards, and the manifest that records them, in the background so that the next
+    forward pass overlaps serialisation and IO; `depth` bounds the shards waiting in the queue."""
+
+    def __init__(self, out_dir: Path, manifest: Path, header: dict, shards: dict, depth: int):
+        super().__init__(daemon=True)
+        self.out_dir, self.manifest, self.header, self.shards = out_dir, manifest, header, shards
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.sums: dict[int, dict[str, Tensor]] = {}
+        self.work: dict[str, dict] = {}
+        self.free: list[dict[str, Tensor]] = []  # written shard buffers, for reuse
+        self.error: Optional[BaseException] = None
+        self.start()
+
+    def run(self) -> None:
+        while (item := self.q.get()) is not None:
+            try:
+                self.error or self.write(*item)
+            except BaseException as e:  # re-raised in the caller's thread by check()
+                self.error = e
+            del item  # hold no shard while waiting for the next
+
+    def write(self, i: int, lo: int, hi: int, tensors: dict[str, Tensor]) -> None:
+        name = f"shard-{i:05d}.safetensors"
+        self.sums[i] = {n: _sums(t, self.work.setdefault(n, {})) for n, t in tensors.items()}
+        meta = {"tokens": f"{lo}:{hi}"}
+        _atomic(self.out_dir / name, lambda tmp: _write_safetensors(tensors, tmp, meta))
+        self.shards[i] = {"file": name, "tokens": [lo, hi]}
+        _write_json(self.manifest, {**self.header, "shards": _ordered(self.shards)})
+        self.free.append(tensors)
+
+    def put(self, item) -> None:
+        while True:
+            self.check()
+            try:
+                return self.q.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def check(self) -> None:
+        e = self.error
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device writing to {self.out_dir}: "
+                          f"{len(self.shards)} shards are complete and recorded in "
+                          f"{self.manifest.name}; free space and call harvest again with the same "
+                          "arguments to resume") from e
+        if e is not None:
+            raise e
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+        self.check()
+
+
+def _ordered(shards: dict) -> list:
+    return [shards[i] for i in sorted(shards)]
+
+
+# ---------------------------------------------------------------------- harvest
+@torch.no_grad()
+def harvest(model, tokens, hook_names, out_dir, batch_size: int = 32,
+            dtype: Optional[torch.dtype] = None, shard_tokens: int = 2**15,
+            seq_len: Optional[int] = None, progress: bool = True, queue_depth: int = 1
+            ) -> "Harvest":
+    """Run `model` over `tokens` and write the activations of `hook_names` to `out_dir`.
+
+    tokens: [n_seq, seq_len] tensor or array (rows are sequences), a 1-D tensor/array/memmap
+    (cut into windows of seq_len, n_ctx by default; a remainder is dropped), or a path to a
+    .npy file or a text file (encoded once with model.tokenizer into a token file in out_dir).
+    Each shard holds whole sequences, shard_tokens // seq_len of them, as safetensors
+    [tokens, ...] per hook (batch×pos flattened; patterns become [tokens, n_heads, key_pos]),
+    cast to `dtype` if given. The forward stops after the last block the hooks need.
+
+    Resumable: shards and manifest.json are replaced atomically, so calling harvest again with
+    the same arguments after a crash or a full disk finishes the job, byte-identical to an
+    uninterrupted run. Under torchrun each rank writes shards i with i % world_size == rank and
+    rank 0 writes the merged manifest and stats.safetensors (mean, variance, mean L2 norm).
+    Memory: one batch plus at most 2 + queue_depth shards, whatever the dataset size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    names = model.hook_names_matching(hook_names)
+    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if own_group:  # launched by torchrun: join its group
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return _harvest(model, tokens, names, Path(out_dir), batch_size, dtype, shard_tokens,
+                        seq_len, progress, queue_depth)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _harvest(model, tokens, names, out_dir, batch_size, dtype, shard_tokens, seq_len,
+             progress, queue_depth) -> "Harvest":
+    from tqdm.auto import tqdm
+
+    rank, world = _rank_world()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seqs = _dataset(tokens, model, seq_len, out_dir, rank)
+    L, per_shard = seqs.seq_len, shard_tokens // seqs.seq_len
+    if per_shard < 1:
+        raise ValueError(f"shard_tokens={shard_tokens} is less than one sequence of {L} tokens")
+    device = next(model.parameters()).device
+
+    def forward(lo: int, hi: int) -> dict[str, Tensor]:
+        _, cache = run_with_cache(model, seqs.get(lo, hi).to(device), names_filter=names,
+                                  stop_at_layer="auto", device="cpu", return_type=None)
+        return {n: _flat(n, cache[n]).to(dtype or cache[n].dtype) for n in names}
+
+    probe = forward(0, 1)
+    header = {
+        "format": FORMAT, "lens_version": _lens_version(), "model_hash": model_hash(model),
+        "dataset": {"fingerprint": seqs.fingerprint(), "n_seq": seqs.n_seq, "seq_len": L,
+                    "n_tokens": seqs.n_seq * L},
+        "hooks": {n: {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
+                  for n, t in probe.items()},
+        "batch_size": batch_size, "shard_tokens": per_shard * L,
+        "n_shards": -(-seqs.n_seq // per_shard), "stats": STATS, "complete": False,
+    }
+    shards, complete = _existing(out_dir, header)
+    _barrier()
+    if complete:
+        return Harvest.open(out_dir)
+    if rank == 0:
+        for tmp in out_dir.glob("*.tmp"):
+            tmp.unlink()
+        _write_json(out_dir / MANIFEST, {**header, "shards": _ordered(shards)})
+    _barrier()
+
+    mine = range(rank, header["n_shards"], world)
+    span = lambda i: (i * per_shard, min((i + 1) * per_shard, seqs.n_seq))
+    size = lambda i: (span(i)[1] - span(i)[0]) * L
+    writer = _Writer(out_dir, out_dir / (MANIFEST if world == 1 else f"manifest.rank{rank}.json"),
+                     header, {i: shards[i] for i in mine if i in shards}, queue_depth)
+    bar = tqdm(total=sum(map(size, mine)), initial=sum(size(i) for i in mine if i in shards),
+               unit="tok", unit_scale=True, disable=not progress or rank != 0, desc="harvest")
+    sums, work = {}, {}
+    try:
+        for i in mine:
+            if i in shards:  # done before: its statistics are read back from the file
+                acts = _mmap_tensors(out_dir / shards[i]["file"])
+                sums[i] = {n: _sums(t, work.setdefault(n, {})) for n, t in acts.items()}
+                continue
+            lo, hi = span(i)
+            buf = writer.free.pop() if writer.free else {
+                n: torch.empty((size(0), *t.shape[1:]), dtype=t.dtype) for n, t in probe.items()}
+            buf = {n: b[:size(i)] for n, b in buf.items()}  # the last shard may be shorter
+            for s in range(lo, hi, batch_size):
+                e = min(s + batch_size, hi)
+                for n, act in forward(s, e).items():
+                    buf[n][(s - lo) * L:(e - lo) * L] = act
+                bar.update((e - s) * L)
+            writer.put((i, lo * L, hi * L, buf))
+            del buf
+    finally:
+        writer.close() if writer.error is None else writer.q.put(None)
+        bar.close()
+    _finish(out_dir, header, names, {**sums, **writer.sums}, rank, world)
+    return Harvest.open(out_dir)
+
+
+def _existing(out_dir: Path, header: dict) -> tuple[dict, bool]:
+    """The shards already recorded for this exact job (manifest.json and per-rank manifests)."""
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return {}, False
+    old = json.loads(path.read_text())
+    if old.get("model_hash") != header["model_hash"]:
+        raise ValueError(f"{out_dir} holds activations of another model (model hash "
+                         f"{old.get('model_hash')}), but this model's hash is "
+                         f"{header['model_hash']}; use another out_dir or delete it")
+    keys = ("format", "dataset", "hooks", "batch_size", "shard_tokens")
+    diff = [f"{k}: {old.get(k)} there, {header[k]} now" for k in keys if old.get(k) != header[k]]
+    if diff:
+        raise ValueError(f"{out_dir} holds a harvest of other data or settings ({'; '.join(diff)}); "
+                         "pass the same arguments to resume it, or use another out_dir")
+    files = [path, *out_dir.glob("manifest.rank*.json")]
+    shards = {s["tokens"][0] // header["shard_tokens"]: s
+              for m in files for s in json.loads(m.read_text())["shards"]}
+    return shards, bool(old.get("complete"))
+
+
+def _finish(out_dir, header, names, sums, rank, world) -> None:
+    """Sum the statistics over shards (in shard order), then over ranks (all_reduce, which also
+    waits for every rank's shards); rank 0 writes them and the final manifest."""
+    stats = {}
+    for n in names:
+        shape = header["hooks"][n]["shape"]
+        d = int(np.prod(shape))
+        t = sum((sums[i][n] for i in sorted(sums)), torch.zeros(2 * d + 2, dtype=torch.float64))
+        if world > 1:
+            t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t)
+            t = t.cpu()
+        stats.update({f"{n}:sum": t[:d].reshape(shape), f"{n}:sumsq": t[d:2 * d].reshape(shape),
+                      f"{n}:norm_sum": t[2 * d].clone(), f"{n}:count": t[-1].to(torch.int64)})
+    if rank == 0:
+        _atomic(out_dir / STATS, lambda tmp: _write_safetensors(stats, tmp, {}))
+        shards, _ = _existing(out_dir, header)
+        _write_json(out_dir / MANIFEST, {**header, "complete": True, "shards": _ordered(shards)})
+        for m in out_dir.glob("manifest.rank*.json"):
+            m.unlink()
+    _barrier()
+
+
+# ---------------------------------------------------------------------- reading back
+class ShardedActivations:
+    """One hook's [tokens, ...] activations over memory-mapped shards, indexed like a tensor.
+
+    `acts[i]`, `acts[a:b]` and `acts[a:b, ...]` inside one shard are zero-copy views of the
+    mapped file; across shards, and for index tensors/lists (gathers), they are new tensors.
+    `acts.shards` are the per-shard views; `acts.tensor()` concatenates everything in memory.
+    """
+
+    def __init__(self, shards: list[Tensor]):
+        self.shards = shards
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])
+        self.shape = torch.Size((int(self.offsets[-1]), *shards[0].shape[1:]))
+        self.dtype = shards[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ShardedActivations({tuple(self.shape)}, {self.dtype}, {len(self.shards)} shards)"
+
+    def tensor(self) -> Tensor:
+        return torch.cat(self.shards)
+
+    def __getitem__(self, idx) -> Tensor:
+        if isinstance(idx, tuple):
+            head = self[idx[0]]
+            return head[idx[1:]] if isinstance(idx[0], int) else head[(slice(None), *idx[1:])]
+        n = len(self)
+        if isinstance(idx, int):
+            if not -n <= idx < n:
+                raise IndexError(f"token {idx} is out of range for {n} tokens")
+            return self[idx % n:idx % n + 1][0]
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(n)
+            if step != 1:
+                return self[torch.arange(start, stop, step)]
+            parts = [sh[max(start - o, 0):max(min(stop - o, len(sh)), 0)]
+                     for sh, o in zip(self.shards, self.offsets)]
+            parts = [p for p in parts if len(p)] or [self.shards[0][:0]]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        idx = torch.where(idx < 0, idx + n, idx)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"token index out of range for {n} tokens")
+        which = torch.from_numpy(np.searchsorted(self.offsets, idx.numpy(), side="right") - 1)
+        out = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        for s in which.unique().tolist():
+            m = which == s
+            out[m] = self.shards[s][idx[m] - int(self.offsets[s])]
+        return out
+
+
+class HarvestDataset(torch.utils.data.Dataset):
+    """A map-style torch Dataset over harvested tokens: item i is {hook name: [*per-token shape]}."""
+
+    def __init__(self, harvest: "Harvest", hook_names=None):
+        names = [hook_names] if isinstance(hook_names, str) else hook_names or harvest.hook_names
+        self.acts = {n: harvest.read(n) for n in names}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.acts.values())))
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {n: a[i] for n, a in self.acts.items()}
+
+
+class Harvest:
+    """A finished harvest on disk: the manifest, memory-mapped activations and statistics."""
+
+    def __init__(self, out_dir: Path, manifest: dict):
+        self.out_dir, self.manifest = out_dir, manifest
+        self.hook_names = list(manifest["hooks"])
+        self.n_tokens = sum(b - a for a, b in (s["tokens"] for s in manifest["shards"]))
+        self._stats: Optional[dict] = None
+
+    @classmethod
+    def open(cls, out_dir) -> "Harvest":
+        out_dir = Path(out_dir)
+        if not (out_dir / MANIFEST).exists():
+            raise FileNotFoundError(f"{out_dir} holds no {MANIFEST}; is it a harvest folder?")
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        if not manifest.get("complete"):
+            raise ValueError(f"the harvest in {out_dir} is incomplete ({len(manifest['shards'])} of "
+                             f"{manifest['n_shards']} shards); run harvest again to finish it")
+        return cls(out_dir, manifest)
+
+    def __repr__(self) -> str:
+        return f"Harvest({str(self.out_dir)!r}, {self.n_tokens} tokens, hooks={self.hook_names})"
+
+    def _name(self, hook_name: str) -> str:
+        if hook_name not in self.manifest["hooks"]:
+            import difflib
+            near = difflib.get_close_matches(hook_name, self.hook_names, n=3, cutoff=0.5)
+            raise KeyError(f"{hook_name!r} was not harvested; this harvest holds {self.hook_names}"
+                           + (f" (nearest: {near})" if near else ""))
+        return hook_name
+
+    def read(self, hook_name: str) -> ShardedActivations:
+        """The [tokens, ...] activations of one hook, memory-mapped (see ShardedActivations)."""
+        name = self._name(hook_name)
+        return ShardedActivations([_mmap_tensors(self.out_dir / s["file"])[name]
+                                   for s in self.manifest["shards"]])
+
+    def stats(self, hook_name: str) -> dict:
+        """mean and var (population) per element [*per-token shape], norm (mean L2 norm of a
+        token's activation), as float32, and count (tokens), from float64 sums over every token.
+        For [batch, pos, ...] sites, mean is what lens.ablation.mean_ablate(h, means=) takes."""
+        name = self._name(hook_name)
+        if self._stats is None:
+            self._stats = _mmap_tensors(self.out_dir / STATS)
+        n = self._stats[f"{name}:count"]
+        mean = self._stats[f"{name}:sum"] / n
+        var = (self._stats[f"{name}:sumsq"] / n - mean ** 2).clamp(min=0)
+        return dict(mean=mean.float(), var=var.float(),
+                    norm=(self._stats[f"{name}:norm_sum"] / n).float(), count=int(n))
+
+    def means(self, hook_names=None) -> dict[str, Tensor]:
+        """{hook name: mean activation [*per-token shape]}, as mean_ablate(means=...) takes it."""
+        return {n: self.stats(n)["mean"] for n in (hook_names or self.hook_names)}
+
+    def dataset(self, hook_names=None) -> HarvestDataset:
+        return HarvestDataset(self, hook_names)
+
+    def loader(self, hook_names=None, batch_size: int = 1024, shuffle: bool = False, seed: int = 0):
+        """Yield {hook name: [batch_size, ...]} batches over all tokens, in order or shuffled
+        (a permutation from `seed`; pass a new seed per epoch). The last batch may be smaller."""
+        acts = HarvestDataset(self, hook_names).acts
+        n = self.n_tokens
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+        for s in range(0, n, batch_size):
+            idx = slice(s, s + batch_size) if order is None else order[s:s + batch_size]
+            yield {name: a[idx] for name, a in acts.items()}
+
+
+# ---------------------------------------------------------------------- command line
+def cli_main(argv=None) -> int:
+    """`lens harvest MODEL DATA --hooks ... --out DIR`: harvest from the command line."""
+    p = argparse.ArgumentParser(prog="lens harvest", description=harvest.__doc__.split("\n")[0])
+    p.add_argument("model", help="bundled model name or checkpoint path")
+    p.add_argument("data", help="a .npy token file ([n_seq, seq_len] or 1-D) or a text file")
+    p.add_argument("--hooks", nargs="+", required=True, help="hook names (space or comma separated)")
+    p.add_argument("--out", required=True, help="output folder (resumed if it holds this job)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, help="window length for 1-D tokens and text (n_ctx)")
+    p.add_argument("--shard-tokens", type=int, default=2**15)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="storage dtype")
+    p.add_argument("--device", help="default: cuda:LOCAL_RANK when a GPU is present, else cpu")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from lens.dissect import load_model
+
+    gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    device = args.device or gpu
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    try:
+        model = load_model(args.model).to(device).eval()
+        hooks = [h for arg in args.hooks for h in arg.split(",") if h]
+        result = harvest(model, args.data, hooks, args.out, batch_size=args.batch_size,
+                         dtype=getattr(torch, args.dtype) if args.dtype else None,
+                         shard_tokens=args.shard_tokens, seq_len=args.seq_len,
+                         progress=not args.no_progress)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise SystemExit(f"lens harvest: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result)
+    return 0
