@@ -26,15 +26,6 @@ NAMES = ["hook_embed", "blocks.0.attn.hook_pattern", "blocks.0.mlp.hook_post",
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes two threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def flat(name: str, act: torch.Tensor) -> torch.Tensor:
     if name.endswith("hook_pattern"):
         act = act.transpose(1, 2)

@@ -18,15 +18,6 @@ CASES = [(site, per) for site, (_, head) in AXES.items()
          for per in (("layer", "layer_pos", "head", "head_pos") if head else ("layer", "layer_pos"))]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a thread pool, whose waits dominate on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def logit_diff(logits):  # [batch]
     return logits[:, -1, 3] - logits[:, -1, 5]
 
