@@ -176,3 +176,11 @@ def test_induction_target_scores_a_perfect_induction_head(induction):
     assert float(prev_scores[1, 1]) == pytest.approx(1.0)
     assert float(ind[1, 1]) == pytest.approx(0.0)
     assert induction.top_head(ind, range(1, 2)) == (1, 2)
+
+
+def test_attribution_patching_script(tmp_path):
+    script = load_script("attribution_patching")
+    out = script.main(["--out", str(tmp_path), "--seq-len", "4", "--batch", "2"])
+    assert set(out["correlations"]) == {"resid_pre/layer_pos", "attn_out/layer_pos", "z/head_pos", "z/head"}
+    assert all(-1.0 <= r <= 1.0 for r in out["correlations"].values())
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "attribution_z_head_pos.png").is_file()
