@@ -35,12 +35,14 @@ from lens.plot import lines
 Head = tuple[int, int]
 
 
-def predictable_ids(model) -> Int[Tensor, "n"]:
+def predictable_ids(model, top: Optional[int] = None) -> Int[Tensor, "n"]:
     """Token ids to draw random sequences from: those the model was trained to predict.
 
     The bundled models give out-of-corpus ids a far lower unembedding bias than the rest (a gap
     of ~20 nats in sorted b_U); when such a gap exists the ids above it are kept, otherwise
-    (e.g. GPT-2) the common ids below 20000. The BOS id is never drawn."""
+    (e.g. GPT-2) the common ids below 20000. With `top`, only the `top` ids of highest
+    unembedding bias among those (the unigram prior: the most frequent tokens). The BOS id is
+    never drawn."""
     b = model.b_U.detach().float().cpu()
     values, order = b.sort()
     gaps = values[1:] - values[:-1]
@@ -49,7 +51,10 @@ def predictable_ids(model) -> Int[Tensor, "n"]:
         ids = order[i + 1:].sort().values
     else:
         ids = torch.arange(min(20000, model.cfg.d_vocab))
-    return ids[ids != bos_id(model)]
+    ids = ids[ids != bos_id(model)]
+    if top is not None and top < len(ids):
+        ids = ids[b[ids].argsort(descending=True)[:top]].sort().values
+    return ids
 
 
 def bos_id(model) -> int:
@@ -58,11 +63,12 @@ def bos_id(model) -> int:
     return bos if bos is not None and 0 <= bos < model.cfg.d_vocab else 0
 
 
-def repeated_random_tokens(model, seq_len: int, batch: int, seed: int) -> Int[Tensor, "batch pos"]:
+def repeated_random_tokens(model, seq_len: int, batch: int, seed: int,
+                           top: Optional[int] = None) -> Int[Tensor, "batch pos"]:
     """BOS, then `seq_len` random predictable tokens, then the same tokens again: 1 + 2·seq_len."""
     if not 2 <= seq_len <= (model.cfg.n_ctx - 1) // 2:
         raise ValueError(f"--seq-len {seq_len}: BOS + 2 × seq_len must fit n_ctx={model.cfg.n_ctx}")
-    ids = predictable_ids(model)
+    ids = predictable_ids(model, top)
     g = torch.Generator().manual_seed(seed)
     half = ids[torch.randint(0, len(ids), (batch, seq_len), generator=g)]
     bos = torch.full((batch, 1), bos_id(model), dtype=torch.long)
@@ -121,6 +127,8 @@ def parse_args(argv: Optional[list[str]]):
     ap.add_argument("--out", type=Path, default=Path("runs/induction"))
     ap.add_argument("--seq-len", type=int, default=100, help="length of the repeated random sequence")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=2000,
+                    help="draw the random tokens from this many most likely ids (0: all trained ids)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=0.3,
                     help="score a head needs to count as an induction / previous-token head")
@@ -138,11 +146,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     L, H, N = model.cfg.n_layers, model.cfg.n_heads, args.seq_len
     if L < 2:
         raise ValueError(f"{args.model} has {L} layer; induction heads need at least 2")
-    tokens = repeated_random_tokens(model, N, args.batch, args.seed)
+    tokens = repeated_random_tokens(model, N, args.batch, args.seed, args.vocab or None)
     report = [f"# Induction heads in {args.model}",
               "Reproduces *A Mathematical Framework for Transformer Circuits* (Elhage et al. 2021). "
               f"{args.batch} sequences of BOS + {N} random tokens + the same {N} tokens again "
-              f"(seed {args.seed}); {L} layers × {H} heads."]
+              f"(seed {args.seed}; tokens drawn from "
+              f"{f'the {args.vocab} most likely ids' if args.vocab else 'every trained id'}); "
+              f"{L} layers × {H} heads."]
 
     # (a) loss per position, first vs second repeat
     nll = loss_per_position(model, tokens)

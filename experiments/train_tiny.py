@@ -2,8 +2,9 @@
 
 The corpus is every .py file of the running interpreter's standard library (tests excluded),
 tokenised with GPT-2's BPE: real text, full of repeated identifiers, so induction heads form.
-In half of each batch a span of the corpus (random length, random offset) is followed by a
-copy of itself, which makes the induction circuit pay off early. The softmax runs over the tokens that occur in the corpus
+In three quarters of each batch a span (random length, random offset) is followed by a copy of
+itself; in two thirds of those the span is random tokens among the corpus's 2,000 most frequent,
+which only copying can predict. This makes the induction circuit pay off early. The softmax runs over the tokens that occur in the corpus
 (the others get a large negative unembedding bias), which keeps CPU training affordable.
 
     python experiments/train_tiny.py --model attn2l --out runs/attn2l [--steps N] [--seed S]
@@ -22,6 +23,7 @@ import math
 import sysconfig
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -58,15 +60,20 @@ def corpus_tokens(cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return train, val
 
 
-def batch(data: np.ndarray, n: int, n_ctx: int, gen: torch.Generator, repeat_frac: float) -> torch.Tensor:
+def batch(data: np.ndarray, n: int, n_ctx: int, gen: torch.Generator, repeat_frac: float,
+          random_frac: float = 0.0, vocab: Optional[torch.Tensor] = None) -> torch.Tensor:
     """n windows of n_ctx tokens. In the first repeat_frac of them a span of random length
     (8 to n_ctx/2) at a random offset is followed by a copy of itself, so that only a head that
-    looks back for the previous occurrence (not a fixed offset) can predict the copy."""
+    looks back for the previous occurrence (not a fixed offset) can predict the copy. In the
+    first random_frac of those the span is random tokens drawn from `vocab`, so that nothing
+    but the copy predicts it."""
     starts = torch.randint(0, len(data) - n_ctx - 1, (n,), generator=gen).tolist()
     rows = [torch.from_numpy(data[s:s + n_ctx].astype(np.int64)) for s in starts]
     for i in range(int(n * repeat_frac)):
         length = int(torch.randint(8, n_ctx // 2 + 1, (1,), generator=gen))
         at = int(torch.randint(0, n_ctx - 2 * length + 1, (1,), generator=gen))
+        if i < int(n * random_frac):
+            rows[i][at:at + length] = vocab[torch.randint(0, len(vocab), (length,), generator=gen)]
         rows[i][at + length:at + 2 * length] = rows[i][at:at + length]
     return torch.stack(rows)
 
@@ -88,7 +95,10 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeat-frac", type=float, default=0.5)
+    ap.add_argument("--repeat-frac", type=float, default=0.75)
+    ap.add_argument("--random-frac", type=float, default=0.5)
+    ap.add_argument("--random-vocab", type=int, default=2000,
+                    help="random spans draw from this many of the corpus's most frequent tokens")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--cache-dir", type=Path, default=Path("runs/corpus"))
     args = ap.parse_args()
@@ -96,6 +106,7 @@ def main():
     torch.manual_seed(args.seed)
     train, val = corpus_tokens(args.cache_dir)
     vocab = torch.from_numpy(np.unique(np.concatenate([train, val])).astype(np.int64))
+    frequent = torch.from_numpy(np.argsort(-np.bincount(train, minlength=50257))[:args.random_vocab].astype(np.int64))
     cfg = lens.GPTConfig(d_vocab=50257, **MODELS[args.model])
     model = lens.HookedGPT(cfg)
     model.init_weights(seed=args.seed)
@@ -117,7 +128,8 @@ def main():
     while step < args.steps:
         for g in opt.param_groups:
             g["lr"] = args.lr * schedule(step)
-        loss = loss_fn(model, batch(train, args.batch, n_ctx, gen, args.repeat_frac), vocab)
+        tokens = batch(train, args.batch, n_ctx, gen, args.repeat_frac, args.random_frac, frequent)
+        loss = loss_fn(model, tokens, vocab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
