@@ -127,7 +127,7 @@ def parse_args(argv: Optional[list[str]]):
     ap.add_argument("--out", type=Path, default=Path("runs/induction"))
     ap.add_argument("--seq-len", type=int, default=100, help="length of the repeated random sequence")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=2000,
+    ap.add_argument("--vocab", type=int, default=200,
                     help="draw the random tokens from this many most likely ids (0: all trained ids)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=0.3,

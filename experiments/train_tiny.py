@@ -3,7 +3,7 @@
 The corpus is every .py file of the running interpreter's standard library (tests excluded),
 tokenised with GPT-2's BPE: real text, full of repeated identifiers, so induction heads form.
 In three quarters of each batch a span (random length, random offset) is followed by a copy of
-itself; in two thirds of those the span is random tokens among the corpus's 2,000 most frequent,
+itself; in two thirds of those the span is random tokens among the corpus's 200 most frequent,
 which only copying can predict. This makes the induction circuit pay off early. The softmax runs over the tokens that occur in the corpus
 (the others get a large negative unembedding bias), which keeps CPU training affordable.
 
@@ -97,7 +97,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat-frac", type=float, default=0.75)
     ap.add_argument("--random-frac", type=float, default=0.5)
-    ap.add_argument("--random-vocab", type=int, default=2000,
+    ap.add_argument("--random-vocab", type=int, default=200,
                     help="random spans draw from this many of the corpus's most frequent tokens")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--cache-dir", type=Path, default=Path("runs/corpus"))
