@@ -4,6 +4,7 @@ loading lens's own format (lens_config.json + model.safetensors)."""
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import re
@@ -14,7 +15,6 @@ from typing import Optional, Union
 
 import einops
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -204,8 +204,55 @@ def _torch_load(path: Path) -> dict:
     return sd
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _SafetensorsFile:
+    """Tensors of a .safetensors file read with plain file reads, one at a time, into fresh
+    memory: nothing is memory-mapped, so the file's pages never count toward the process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"{path} is not a safetensors file (header length {n}, file size {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: malformed safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self.entries: dict[str, tuple] = {}
+        for k, e in header.items():
+            start, stop = e["data_offsets"]
+            dtype = _ST_DTYPES.get(e["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {k} has unsupported dtype {e['dtype']}")
+            count = math.prod(e["shape"])
+            if stop - start != count * dtype.itemsize or 8 + n + stop > size:
+                raise ValueError(f"{path}: tensor {k} has inconsistent offsets {e['data_offsets']}")
+            self.entries[k] = (dtype, tuple(e["shape"]), 8 + n + start, count)
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, key: str) -> tuple:
+        return self.entries[key][1]
+
+    def get(self, key: str) -> Tensor:
+        dtype, shape, offset, count = self.entries[key]
+        out = torch.empty(count, dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            f.readinto(out.view(torch.uint8).numpy() if count else bytearray())
+        return out.view(shape)
+
+
 class _Source:
-    """A checkpoint's tensors, read one at a time: safetensors through safe_open, .bin files
+    """A checkpoint's tensors, read one at a time: safetensors with plain reads, .bin files
     through a memory map. Shapes are known without reading any tensor."""
 
     def __init__(self, files: list[Path]):
@@ -213,9 +260,9 @@ class _Source:
         self.shapes: dict[str, tuple] = {}
         for f in files:
             if f.suffix == ".safetensors":
-                handle = safe_open(str(f), framework="pt", device="cpu")
+                handle = _SafetensorsFile(f)
                 for k in handle.keys():
-                    self.where[k], self.shapes[k] = handle, tuple(handle.get_slice(k).get_shape())
+                    self.where[k], self.shapes[k] = handle, handle.shape(k)
             else:
                 sd = _torch_load(f)
                 for k, v in sd.items():
@@ -223,7 +270,7 @@ class _Source:
 
     def get(self, key: str) -> Tensor:
         handle = self.where[key]
-        return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
+        return handle[key] if isinstance(handle, dict) else handle.get(key)
 
 
 def _weight_files(d: Path) -> list[Path]:

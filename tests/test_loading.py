@@ -292,3 +292,14 @@ def test_gpt2_small_sized_random_model_matches_hf(tmp_path):
     assert model.cfg.n_layers == 12 and model.cfg.normalization == "LNPre"
     toks = tokens(batch=1, pos=16, d_vocab=50257)
     assert (lens_log_probs(model, toks) - hf_log_probs(hf, toks)).abs().max() <= 1e-4
+
+
+def test_truncated_or_garbage_safetensors_are_refused(tmp_path):
+    folder = write(random_hf(), tmp_path / "ok")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="inconsistent offsets|not a safetensors file"):
+        from_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file|malformed"):
+        from_pretrained(folder)
