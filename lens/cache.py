@@ -250,9 +250,6 @@ class ActivationCache(Mapping):
         L = self.model.cfg.n_layers
         parts, labels = [], []
         for l in range(min(layer + 1, L)):
-            if l == layer and not (mlp_input and incl_mid):
-                parts.append(self[f"blocks.{l}.hook_resid_pre"]); labels.append(f"{l}_pre")
-                break
             parts.append(self[f"blocks.{l}.hook_resid_pre"]); labels.append(f"{l}_pre")
             if incl_mid and not self.model.cfg.attn_only and (l < layer or mlp_input):
                 parts.append(self[f"blocks.{l}.hook_resid_mid"]); labels.append(f"{l}_mid")
