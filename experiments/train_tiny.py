@@ -61,20 +61,24 @@ def corpus_tokens(cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batch(data: np.ndarray, n: int, n_ctx: int, gen: torch.Generator, repeat_frac: float,
-          random_frac: float = 0.0, vocab: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """n windows of n_ctx tokens. In the first repeat_frac of them a span of random length
-    (8 to n_ctx/2) at a random offset is followed by a copy of itself, so that only a head that
-    looks back for the previous occurrence (not a fixed offset) can predict the copy. In the
-    first random_frac of those the span is random tokens drawn from `vocab`, so that nothing
-    but the copy predicts it."""
+          random_frac: float = 0.0, vocab: Optional[torch.Tensor] = None, spans: int = 1,
+          span_max: Optional[int] = None) -> torch.Tensor:
+    """n windows of n_ctx tokens. The first repeat_frac of them are cut into `spans` equal
+    segments, and in each a span of random length (8 to span_max, at most half the segment) at a
+    random offset is followed by a copy of itself, so that only a head that looks back for the
+    previous occurrence (not a fixed offset) can predict the copy. In the first random_frac of
+    the windows the spans are random tokens drawn from `vocab`, which only copying predicts."""
     starts = torch.randint(0, len(data) - n_ctx - 1, (n,), generator=gen).tolist()
     rows = [torch.from_numpy(data[s:s + n_ctx].astype(np.int64)) for s in starts]
+    seg = n_ctx // spans
+    longest = min(seg // 2, span_max or seg)
     for i in range(int(n * repeat_frac)):
-        length = int(torch.randint(8, n_ctx // 2 + 1, (1,), generator=gen))
-        at = int(torch.randint(0, n_ctx - 2 * length + 1, (1,), generator=gen))
-        if i < int(n * random_frac):
-            rows[i][at:at + length] = vocab[torch.randint(0, len(vocab), (length,), generator=gen)]
-        rows[i][at + length:at + 2 * length] = rows[i][at:at + length]
+        for j in range(spans):
+            length = int(torch.randint(8, longest + 1, (1,), generator=gen))
+            at = j * seg + int(torch.randint(0, seg - 2 * length + 1, (1,), generator=gen))
+            if i < int(n * random_frac):
+                rows[i][at:at + length] = vocab[torch.randint(0, len(vocab), (length,), generator=gen)]
+            rows[i][at + length:at + 2 * length] = rows[i][at:at + length]
     return torch.stack(rows)
 
 
@@ -99,6 +103,8 @@ def main():
     ap.add_argument("--random-frac", type=float, default=0.5)
     ap.add_argument("--random-vocab", type=int, default=200,
                     help="random spans draw from this many of the corpus's most frequent tokens")
+    ap.add_argument("--spans", type=int, default=1, help="repeated spans per window")
+    ap.add_argument("--span-max", type=int, default=None, help="longest repeated span")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--cache-dir", type=Path, default=Path("runs/corpus"))
     args = ap.parse_args()
@@ -128,7 +134,8 @@ def main():
     while step < args.steps:
         for g in opt.param_groups:
             g["lr"] = args.lr * schedule(step)
-        tokens = batch(train, args.batch, n_ctx, gen, args.repeat_frac, args.random_frac, frequent)
+        tokens = batch(train, args.batch, n_ctx, gen, args.repeat_frac, args.random_frac, frequent,
+                       args.spans, args.span_max)
         loss = loss_fn(model, tokens, vocab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
