@@ -38,6 +38,19 @@ def weight(shape: tuple[int, ...], memory_order: tuple[int, ...], dtype) -> nn.P
     return nn.Parameter(memory.permute(*inverse))
 
 
+def padding_mask(attention_mask: Tensor, past: int = 0) -> tuple[Tensor, Tensor]:
+    """For a padded batch (attention_mask [batch, key_pos], True at real tokens, the first
+    `past` of them already cached): the absolute positions of the new tokens, counting real
+    tokens only, and the [batch, 1, query_pos, key_pos] mask, causal, over real keys; pads
+    attend to themselves so that no row is empty."""
+    total = attention_mask.shape[1]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    q = torch.arange(past, total, device=attention_mask.device)[:, None]
+    k = torch.arange(total, device=attention_mask.device)
+    mask = ((k <= q) & attention_mask[:, None, None, :]) | (k == q)
+    return positions, mask
+
+
 class KVCacheEntry:
     """One block's keys and values so far, [batch, key_pos, n_heads, d_head], as hook_k and
     hook_v returned them; new queries attend to these and to the new keys."""

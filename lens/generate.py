@@ -10,7 +10,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lens.components import KVCacheEntry
+from lens.components import KVCacheEntry, padding_mask
 
 Input = Union[str, list[str], Int[Tensor, "batch pos"], Int[Tensor, " pos"]]
 
@@ -51,11 +51,7 @@ class KVCache:
             raise ValueError(f"with a KV cache attention_mask covers cached and new tokens: "
                              f"expected {(batch, total)} ({past} cached + {n} new), got {tuple(am.shape)}")
         self.attention_mask = am
-        positions = (am.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        q = torch.arange(past, total, device=device)[:, None]
-        k = torch.arange(total, device=device)
-        mask = ((k <= q) & am[:, None, None, :]) | (k == q)  # pads attend to themselves
-        return positions, mask
+        return padding_mask(am, past)
 
 
 def sample(logits: Float[Tensor, "batch d_vocab"], temperature: Union[int, float] = 1.0,

@@ -13,7 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from lens.cache import ActivationCache, run_with_cache
-from lens.components import Block, LayerNorm, weight
+from lens.components import Block, LayerNorm, padding_mask, weight
 from lens.config import GPTConfig
 from lens.generate import KVCache
 from lens.hooks import HookPoint, Hookable
@@ -127,11 +127,7 @@ class HookedGPT(Hookable, nn.Module):
         am = attention_mask.to(device=device, dtype=torch.bool)
         if am.shape != (batch, n):
             raise ValueError(f"attention_mask has shape {tuple(am.shape)}, expected {(batch, n)}")
-        positions = (am.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-        mask = causal & am[:, None, None, :]
-        mask = mask | torch.eye(n, dtype=torch.bool, device=device)  # pads attend to themselves
-        return positions, mask
+        return padding_mask(am)
 
     # ------------------------------------------------------------------ forward
     def forward(
