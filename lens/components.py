@@ -38,6 +38,11 @@ def weight(shape: tuple[int, ...], memory_order: tuple[int, ...], dtype) -> nn.P
     return nn.Parameter(memory.permute(*inverse))
 
 
+def _causal(n_q: int, n_k: int, device) -> Tensor:
+    """[n_q, n_k] causal mask for queries that are the last n_q of n_k positions."""
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
+
+
 def padding_mask(attention_mask: Tensor, past: int = 0) -> tuple[Tensor, Tensor]:
     """For a padded batch (attention_mask [batch, key_pos], True at real tokens, the first
     `past` of them already cached): the absolute positions of the new tokens, counting real
@@ -151,8 +156,8 @@ class Attention(nn.Module):
         if past_kv is not None:
             k, v = past_kv.append(k, v)
             n_q, n_k = q.shape[1], k.shape[1]
-            if mask is None and 1 < n_q < n_k:  # causal, aligned to the last key
-                mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+            if mask is None and 1 < n_q < n_k:  # SDPA's is_causal aligns to the first key
+                mask = _causal(n_q, n_k, q.device)
         scale = 1.0 / math.sqrt(self.cfg.d_head)
         if self.hook_attn_scores.active or self.hook_pattern.active:
             z = self.materialised(q, k, v, mask, scale)
@@ -172,8 +177,7 @@ class Attention(nn.Module):
                      scale: float) -> Float[Tensor, "batch query_pos n_heads d_head"]:
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * scale
         if mask is None:
-            n_q, n_k = scores.shape[-2:]
-            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+            mask = _causal(*scores.shape[-2:], q.device)
         scores = self.hook_attn_scores.run(scores.masked_fill(~mask, float("-inf")))
         pattern = torch.softmax(scores.float() if scores.dtype in _HALF else scores, dim=-1)
         pattern = self.hook_pattern.run(pattern.to(v.dtype))
