@@ -218,11 +218,12 @@ class ActivationCache(Mapping):
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        unknown = [k for k in load_file(str(path)) if k.removesuffix("_grad") not in model.hook_dict]
+        tensors = load_file(str(path))
+        unknown = [k for k in tensors if k.removesuffix("_grad") not in model.hook_dict]
         if unknown:
             raise ValueError(f"{path} holds activations {unknown[:5]} that are not hook points of "
                              "this model; load it with the model it was cached from")
-        return cls(load_file(str(path)), model, meta.get("has_batch_dim", "True") == "True")
+        return cls(tensors, model, meta.get("has_batch_dim", "True") == "True")
 
     # ------------------------------------------------------------------ structure
     def _layer(self, layer: Optional[int]) -> int:
