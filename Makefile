@@ -26,8 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python experiments/induction_heads.py --out runs/induction
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_forward.py
-	$(BIN)/python bench/bench_cache.py
+	for b in forward peers patching generate harvest; do $(BIN)/python bench/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV)

@@ -130,7 +130,7 @@ def parse_args(argv: Optional[list[str]]):
     ap.add_argument("--vocab", type=int, default=200,
                     help="draw the random tokens from this many most likely ids (0: all trained ids)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threshold", type=float, default=0.3,
+    ap.add_argument("--threshold", type=float, default=0.4,
                     help="score a head needs to count as an induction / previous-token head")
     ap.add_argument("--n-random", type=int, default=1000, help="random pairs for the composition baseline")
     return ap.parse_args(argv)
@@ -183,17 +183,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     # (c) K-composition of the earlier heads into the induction head's layer
     top_ind = top_head(ind, range(1, L))
-    top_prev = top_head(prev, range(0, top_ind[0]))
+    li, hi = top_ind
     comp = circuits.composition_scores(model, "k").float().cpu()
     base = circuits.random_composition_baseline(model, "k", n_samples=args.n_random, seed=args.seed).float().cpu()
-    b_mean, b_std = float(base.mean()), float(base.std())
-    k_top = float(comp[top_prev + top_ind])
+    b_mean, b_std, b_99 = float(base.mean()), float(base.std()), float(base.quantile(0.99))
+    # the earlier head whose output the induction head's keys read most: its K-composition partner
+    partner = top_head(comp[:li, :, li, hi], range(0, li))
+    top_prev = top_head(prev, range(0, li))
+    k_top = float(comp[partner + top_ind])
     circuits.plot_head_scores(comp, args.out / "k_composition.png", "K-composition scores")
-    li = top_ind[0]
     report += ["## (c) K-composition",
                f"K-composition score of each earlier head (row) into each layer-{li} head (column); "
-               f"random matrices of the same shapes score {b_mean:.3f} ± {b_std:.3f} "
-               f"(mean ± std of {args.n_random}).",
+               f"random matrices of the same shapes score {b_mean:.3f} ± {b_std:.3f}, 99th percentile "
+               f"{b_99:.3f} ({args.n_random} samples). The top partner of {name(top_ind)} is "
+               f"{name(partner)}.",
                table(["earlier head"] + [f"→ {name((li, h))}" for h in range(H)],
                      [[name((l, h1))] + [float(comp[l, h1, li, h2]) for h2 in range(H)]
                       for l in range(li) for h1 in range(H)]),
@@ -201,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     # (d) ablating the induction heads
     ind_heads = [k for k in heads if k[0] >= 1 and float(ind[k]) >= args.threshold] or [top_ind]
-    z_names = [ablation.hook_name("z", l) for l in sorted({l for l, _ in ind_heads + [top_prev]})]
+    z_names = [ablation.hook_name("z", l) for l in sorted({l for l, _ in ind_heads})]
     means = ablation.mean_activations(model, tokens, z_names)
     runs = {"none": [],
             "zero-ablate induction heads": ablation.ablate_heads(ind_heads, "zero"),
@@ -224,24 +227,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
     gap = first - second
     zero2, mean2 = abl["zero-ablate induction heads"][1], abl["mean-ablate induction heads"][1]
     checks = {
-        "repeat_loss": second < 0.5 * first,
+        "repeat_loss": gap >= 2.0,
         "induction_head": float(ind[top_ind]) >= args.threshold,
         "previous_token_head": float(prev[top_prev]) >= args.threshold,
-        "k_composition": k_top > b_mean + 2 * b_std,
-        # an ablation can only undo a repeat advantage that exists
-        "zero_ablation": second < 0.5 * first and zero2 - second >= 0.5 * gap,
-        "mean_ablation": second < 0.5 * first and mean2 - second >= 0.5 * gap,
+        "k_composition": float(prev[partner]) >= args.threshold and k_top > b_99,
+        "zero_ablation": zero2 - second >= 1.0,
+        "mean_ablation": mean2 - second >= 1.0,
         "ov_copying": float(ov[top_ind]) > 0,
     }
     lines_ = [
-        check(checks["repeat_loss"], f"second-repeat loss {second:.2f} < half the first-repeat loss {first:.2f}"),
+        check(checks["repeat_loss"], f"second-repeat loss {second:.2f} is {gap:.2f} nats below the first-repeat "
+              f"loss {first:.2f} (needs ≥ 2)"),
         check(checks["induction_head"], f"top induction head {name(top_ind)} score {float(ind[top_ind]):.2f} ≥ {args.threshold}"),
         check(checks["previous_token_head"], f"top previous-token head {name(top_prev)} score {float(prev[top_prev]):.2f} ≥ {args.threshold}"),
-        check(checks["k_composition"], f"K-composition of {name(top_ind)} with {name(top_prev)} is {k_top:.3f} "
-              f"vs random {b_mean:.3f}±{b_std:.3f} (needs > mean + 2 std)"),
+        check(checks["k_composition"], f"{name(top_ind)}'s top K-composition partner {name(partner)} "
+              f"(previous-token score {float(prev[partner]):.2f}, needs ≥ {args.threshold}) scores {k_top:.3f} "
+              f"vs the random baseline's 99th percentile {b_99:.3f}"),
         check(checks["zero_ablation"], f"zero-ablating the induction heads raises second-repeat loss from {second:.2f} "
-              f"to {zero2:.2f} (needs a repeat advantage, and a rise ≥ half of it, {gap:.2f})"),
-        check(checks["mean_ablation"], f"mean-ablating them raises it from {second:.2f} to {mean2:.2f}"),
+              f"to {zero2:.2f} (needs a rise ≥ 1 nat)"),
+        check(checks["mean_ablation"], f"mean-ablating them raises it from {second:.2f} to {mean2:.2f} (needs ≥ 1 nat)"),
         check(checks["ov_copying"], f"induction head {name(top_ind)} OV copying score {float(ov[top_ind]):.2f} > 0"),
     ]
     report += ["## Summary", f"{sum(checks.values())}/{len(checks)} findings reproduced.", *lines_]
@@ -253,6 +257,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "previous_token_scores": prev.tolist(), "induction_scores": ind.tolist(),
         "induction_scores_uniform": ind_uniform.tolist(), "ov_copying_scores": ov.tolist(),
         "k_composition": comp.tolist(), "baseline_mean": b_mean, "baseline_std": b_std,
+        "baseline_99": b_99, "k_composition_partner": partner,
         "top_induction_head": top_ind, "top_previous_token_head": top_prev, "k_composition_top": k_top,
         "induction_heads": ind_heads, "ablation": {k: {"first": v[0], "second": v[1]} for k, v in abl.items()},
         "checks": checks, "report": str(args.out / "report.md"),

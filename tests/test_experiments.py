@@ -1,7 +1,6 @@
 """The experiment scripts run end to end on the bundled model and report consistent numbers.
-
-Whether the bundled weights actually show induction is not asserted here: the scripts report
-that as PASS/FAIL lines, which these tests only check are present and agree with the numbers."""
+test_the_bundled_model_has_induction_heads holds the bundled attention-only model to what "A
+Mathematical Framework for Transformer Circuits" finds."""
 
 import importlib.util
 import math
@@ -104,9 +103,13 @@ def test_induction_heads_script(induction, tmp_path, capsys):
 
     # the heads the checks talk about
     (li, hi), (lp, hp) = res["top_induction_head"], res["top_previous_token_head"]
-    assert li >= 1 and lp < li
+    (lk, hk) = res["k_composition_partner"]
+    assert li >= 1 and lp < li and lk < li
     assert res["induction_scores"][li][hi] == max(res["induction_scores"][1])
-    assert res["k_composition_top"] == pytest.approx(float(comp[lp, hp, li, hi]))
+    assert res["previous_token_scores"][lp][hp] == max(res["previous_token_scores"][0])
+    assert res["k_composition_top"] == pytest.approx(float(comp[lk, hk, li, hi]))
+    assert res["k_composition_top"] == pytest.approx(float(comp[:li, :, li, hi].max()))
+    assert res["baseline_mean"] <= res["baseline_99"] < 1
     assert res["induction_heads"] and all(l >= 1 for l, _ in res["induction_heads"])
     assert f"L{li}H{hi}" in lines[1]
 
@@ -184,3 +187,29 @@ def test_attribution_patching_script(tmp_path):
     assert set(out["correlations"]) == {"resid_pre/layer_pos", "attn_out/layer_pos", "z/head_pos", "z/head"}
     assert all(-1.0 <= r <= 1.0 for r in out["correlations"].values())
     assert (tmp_path / "report.md").is_file() and (tmp_path / "attribution_z_head_pos.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the bundled lens-tiny-attn2l has not formed induction heads; "
+                   "see README, 'The bundled models'")
+def test_the_bundled_model_has_induction_heads(induction, tmp_path):
+    """The paper's findings, at the thresholds the main job promises, on lens-tiny-attn2l with
+    the script's defaults (8 sequences of 100 random tokens repeated). Expected to fail until
+    the bundled weights have induction heads; strict, so that it reports when they do."""
+    res = induction.main(["--out", str(tmp_path)])
+    ind, prev = torch.tensor(res["induction_scores"]), torch.tensor(res["previous_token_scores"])
+    # the second repeat is predicted far better than the first
+    assert res["first_repeat_loss"] - res["second_repeat_loss"] >= 2.0
+    # a layer-1 induction head ...
+    li, hi = res["top_induction_head"]
+    assert li == 1 and float(ind[li, hi]) >= 0.4
+    # ... whose keys read most from a layer-0 previous-token head, beyond random matrices
+    lk, hk = res["k_composition_partner"]
+    assert lk == 0 and float(prev[lk, hk]) >= 0.4
+    assert res["k_composition_top"] > res["baseline_99"]
+    # ablating the induction heads costs the second repeat at least a nat
+    for kind in ["zero-ablate induction heads", "mean-ablate induction heads"]:
+        assert res["ablation"][kind]["second"] - res["second_repeat_loss"] >= 1.0, kind
+    # and the script's own verdicts agree
+    assert all(res["checks"].values()), res["checks"]
+
