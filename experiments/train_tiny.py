@@ -7,9 +7,10 @@ those the span is random tokens among the corpus's 200 most frequent, which only
 predict. The softmax runs over the tokens that occur in the corpus (the others get a large
 negative unembedding bias), which keeps CPU training affordable.
 
-The bundled models saw ~5 M tokens, a 2-core CPU's budget. That is far short of where the
-induction-head phase change is reported (Olsson et al. 2022), and they have not formed induction
-heads; a run on a GPU (--device cuda) with a larger batch and more steps is the way to get them.
+The bundled models saw ~5 M tokens, a 2-core CPU's budget, and have not formed induction heads:
+that is far short of the billions of tokens after which Olsson et al. (2022) report the
+induction-head phase change. --device cuda runs the same recipe on a GPU, where many more tokens
+are affordable.
 
     python experiments/train_tiny.py --model attn2l --out runs/attn2l [--steps N] [--seed S]
     python experiments/train_tiny.py --model mlp2l  --out runs/mlp2l
