@@ -8,9 +8,9 @@ predict. The softmax runs over the tokens that occur in the corpus (the others g
 negative unembedding bias), which keeps CPU training affordable.
 
 The bundled models saw ~5 M tokens, a 2-core CPU's budget, and have not formed induction heads:
-that is far short of the billions of tokens after which Olsson et al. (2022) report the
-induction-head phase change. --device cuda runs the same recipe on a GPU, where many more tokens
-are affordable.
+that is orders of magnitude fewer tokens than the models in which Olsson et al. (2022) observe
+the induction-head phase change saw. --device cuda runs the same recipe on a GPU, where many
+more tokens are affordable.
 
     python experiments/train_tiny.py --model attn2l --out runs/attn2l [--steps N] [--seed S]
     python experiments/train_tiny.py --model mlp2l  --out runs/mlp2l
