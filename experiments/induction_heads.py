@@ -99,6 +99,19 @@ def halves(nll: Tensor, seq_len: int) -> tuple[float, float]:
     return float(nll[:, 1:seq_len].mean()), float(nll[:, seq_len + 1:2 * seq_len].mean())
 
 
+def top_key_offsets(model, tokens: Int[Tensor, "batch pos"], seq_len: int) -> Int[Tensor, "n_layers n_heads"]:
+    """Where each head looks from the second repeat: the most common (top key − query) over its
+    queries there. -1 is a previous-token head, -(seq_len - 1) an induction head (the token after
+    the previous occurrence), -seq_len a duplicate-token head (the previous occurrence itself)."""
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    queries = torch.arange(seq_len + 2, 2 * seq_len + 1, device=tokens.device)
+    out = []
+    for layer in range(model.cfg.n_layers):
+        top = cache["pattern", layer][:, :, queries].argmax(-1)  # [batch, head, query]
+        out.append((top - queries).transpose(0, 1).flatten(1).mode(-1).values)
+    return torch.stack(out).cpu()
+
+
 def top_head(scores: Tensor, layers: range) -> Head:
     sub = scores[layers.start:layers.stop]
     i = int(sub.nan_to_num(float("-inf")).flatten().argmax())
@@ -170,15 +183,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     prev = circuits.previous_token_scores(model, tokens).float().cpu()
     ind = circuits.detect_head(model, tokens, induction_target(N)).float().cpu()
     ind_uniform = circuits.induction_scores(model, seq_len=N, batch=args.batch, seed=args.seed).float().cpu()
+    offsets = top_key_offsets(model, tokens, N)
     circuits.plot_head_scores(prev, args.out / "previous_token_scores.png", "previous-token score")
     circuits.plot_head_scores(ind, args.out / "induction_scores.png", "induction score")
     heads = [(l, h) for l in range(L) for h in range(H)]
     report += ["## (b) Previous-token and induction scores",
                "Mean attention to the previous token, and (second repeat) to the token after the "
-               "previous occurrence of the current token. The last column is "
-               "`circuits.induction_scores` (uniform ids over the whole vocabulary, no BOS).",
-               table(["head", "previous-token", "induction", "induction (uniform ids)"],
-                     [[name(k), float(prev[k]), float(ind[k]), float(ind_uniform[k])] for k in heads]),
+               "previous occurrence of the current token. `induction (uniform ids)` is "
+               "`circuits.induction_scores` (uniform ids over the whole vocabulary, no BOS). "
+               f"`top key − query` is where the head looks most often from the second repeat: -1 is "
+               f"the previous token, {-(N - 1)} the induction target, {-N} the previous occurrence itself.",
+               table(["head", "previous-token", "induction", "induction (uniform ids)", "top key − query"],
+                     [[name(k), float(prev[k]), float(ind[k]), float(ind_uniform[k]), int(offsets[k])]
+                      for k in heads]),
                "![previous-token scores](previous_token_scores.png) ![induction scores](induction_scores.png)"]
 
     # (c) K-composition of the earlier heads into the induction head's layer
@@ -255,7 +272,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return {
         "first_repeat_loss": first, "second_repeat_loss": second, "loss_per_position": mean_nll.tolist(),
         "previous_token_scores": prev.tolist(), "induction_scores": ind.tolist(),
-        "induction_scores_uniform": ind_uniform.tolist(), "ov_copying_scores": ov.tolist(),
+        "induction_scores_uniform": ind_uniform.tolist(),
+        "top_key_offsets": offsets.tolist(), "ov_copying_scores": ov.tolist(),
         "k_composition": comp.tolist(), "baseline_mean": b_mean, "baseline_std": b_std,
         "baseline_99": b_99, "k_composition_partner": partner,
         "top_induction_head": top_ind, "top_previous_token_head": top_prev, "k_composition_top": k_top,

@@ -94,6 +94,8 @@ def test_induction_heads_script(induction, tmp_path, capsys):
     for key in ["previous_token_scores", "induction_scores", "induction_scores_uniform"]:
         assert torch.tensor(res[key]).shape == (2, 4)
         assert in_unit_interval(res[key]), key
+    offsets = torch.tensor(res["top_key_offsets"])
+    assert offsets.shape == (2, 4) and (offsets <= 0).all() and (offsets >= -(2 * seq_len)).all()
     ov = torch.tensor(res["ov_copying_scores"])
     assert ov.shape == (2, 4) and (ov.abs() <= 1 + 1e-5).all()
     comp = torch.tensor(res["k_composition"])
@@ -165,20 +167,30 @@ def test_induction_target_scores_a_perfect_induction_head(induction):
     prev = circuits.previous_token_pattern(n)
     prev[0, 0] = 1.0
 
+    duplicate = torch.zeros(n, n)  # second repeat attends to the previous occurrence itself
+    for q in range(seq_len + 1, n):
+        duplicate[q, q - seq_len] = 1.0
+    induction_rows = target.sum(-1) > 0
+
     def force(pattern, hook):
         pattern = pattern.clone()
-        induction_rows = target.sum(-1) > 0
         pattern[:, 2] = torch.where(induction_rows[:, None], target, pattern[:, 2])
+        pattern[:, 3] = torch.where(induction_rows[:, None], duplicate, pattern[:, 3])
         pattern[:, 1] = prev
         return pattern
 
     with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", force)]):
         ind = circuits.detect_head(model, tokens, target)
         prev_scores = circuits.previous_token_scores(model, tokens)
+        offsets = induction.top_key_offsets(model, tokens, seq_len)
     assert float(ind[1, 2]) == pytest.approx(1.0)
     assert float(prev_scores[1, 1]) == pytest.approx(1.0)
     assert float(ind[1, 1]) == pytest.approx(0.0)
+    assert float(ind[1, 3]) == pytest.approx(0.0)
     assert induction.top_head(ind, range(1, 2)) == (1, 2)
+    # where each forced head looks from the second repeat, relative to the query
+    assert offsets.shape == (2, 4)
+    assert offsets[1].tolist()[1:] == [-1, -(seq_len - 1), -seq_len]
 
 
 def test_attribution_patching_script(tmp_path):
