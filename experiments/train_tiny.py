@@ -1,16 +1,22 @@
 """Train the bundled tiny GPTs on the Python standard library's own source, offline.
 
 The corpus is every .py file of the running interpreter's standard library (tests excluded),
-tokenised with GPT-2's BPE: real text, full of repeated identifiers. In three quarters of each
-batch a span (random length, random offset) is followed by a copy of itself; in two thirds of
-those the span is random tokens among the corpus's 200 most frequent, which only copying can
-predict. The softmax runs over the tokens that occur in the corpus (the others get a large
-negative unembedding bias), which keeps CPU training affordable.
+tokenised with GPT-2's BPE: real text, full of repeated identifiers. Training runs in phases:
 
-The bundled models saw ~5 M tokens, a 2-core CPU's budget, and have not formed induction heads:
-that is orders of magnitude fewer tokens than the models in which Olsson et al. (2022) observe
-the induction-head phase change saw. --device cuda runs the same recipe on a GPU, where many
-more tokens are affordable.
+  1. copy, short (--copy-steps): BOS, then random tokens in which a sequence of 10 to 30 tokens
+     is followed, after a gap of random length, by a copy of itself. Each row draws its tokens
+     from its own alphabet of 20 of the corpus's 200 most frequent tokens, so every token recurs
+     with several different successors. That is what makes the paper's circuit (a previous-token
+     head, and an induction head whose keys read it) win: without it the model learns to copy
+     with a positional trick or with duplicate-token heads instead, and the induction score
+     stays near zero. The softmax runs over those 200 tokens, so these steps are cheap.
+  2. copy, long (--copy-long-steps): the same with sequences of 10 to 120 tokens, so that the
+     heads work across the whole context.
+  3. corpus (--steps): windows of n_ctx corpus tokens; in three quarters of them a span (random
+     length, random offset) is followed by a copy of itself, in two thirds of those a span of
+     random frequent tokens, which keeps the circuit paying. The softmax runs over the tokens
+     that occur in the corpus (the others get a large negative unembedding bias), which keeps
+     CPU training affordable.
 
     python experiments/train_tiny.py --model attn2l --out runs/attn2l [--steps N] [--seed S]
     python experiments/train_tiny.py --model mlp2l  --out runs/mlp2l
@@ -88,6 +94,23 @@ def batch(data: np.ndarray, n: int, n_ctx: int, gen: torch.Generator, repeat_fra
     return torch.stack(rows)
 
 
+def copy_batch(pool: torch.Tensor, alphabet: int, lengths: tuple[int, int], tokens: int, n_ctx: int,
+               bos: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows of BOS + random tokens in which a sequence x (len(x) drawn from `lengths`, the same for
+    the batch) appears, then after a gap a copy of it ends the row. Each row's tokens come from
+    its own random `alphabet` of the ids in `pool`; about `tokens` tokens per batch (≤ 32 rows)."""
+    length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=gen))
+    gap = int(torch.randint(0, min(length, n_ctx - 1 - 2 * length) + 1, (1,), generator=gen))
+    n = max(4, min(32, tokens // (2 * length + 1)))
+    alphabets = torch.stack([pool[torch.randperm(len(pool), generator=gen)[:alphabet]] for _ in range(n)])
+    rows = alphabets.gather(1, torch.randint(0, alphabet, (n, 1 + 2 * length + gap), generator=gen))
+    rows[:, 0] = bos
+    for i in range(n):
+        at = 1 + int(torch.randint(0, gap + 1, (1,), generator=gen))
+        rows[i, 1 + gap + length:] = rows[i, at:at + length]
+    return rows
+
+
 def loss_fn(model: lens.HookedGPT, tokens: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
     """Next-token loss with the softmax restricted to the corpus vocabulary `vocab` (sorted ids)."""
     resid = model(tokens, stop_at_layer=model.cfg.n_layers)
@@ -101,8 +124,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=1500, help="corpus steps (phase 3)")
+    ap.add_argument("--copy-steps", type=int, default=5000, help="phase 1 steps")
+    ap.add_argument("--copy-long-steps", type=int, default=3000, help="phase 2 steps")
+    ap.add_argument("--copy-tokens", type=int, default=2600, help="tokens per copy batch (at most 32 rows)")
+    ap.add_argument("--alphabet", type=int, default=20, help="tokens per copy row's alphabet")
+    ap.add_argument("--batch", type=int, default=8, help="corpus windows per batch")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat-frac", type=float, default=0.75)
@@ -127,26 +154,39 @@ def main():
     vocab_dev = vocab.to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
-    step, losses = 0, []
+    step, tokens_seen, losses = 0, 0, []
     ckpt = args.out / "checkpoint.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=True, map_location=args.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"].cpu())
-        step, losses = int(state["step"]), state["losses"].tolist()
+        step, tokens_seen, losses = int(state["step"]), int(state["tokens_seen"]), state["losses"].tolist()
         print(f"resuming at step {step}")
+    c1, c2 = args.copy_steps, args.copy_long_steps
+    phases = [("copy, short", c1, (10, 30)), ("copy, long", c2, (10, 120)), ("corpus", args.steps, None)]
+    total = c1 + c2 + args.steps
+    bos, n_ctx = Tokenizer.gpt2().eos_token_id, cfg.n_ctx
+    frequent_dev = frequent.sort().values.to(args.device)
     warmup = max(1, min(100, args.steps // 10))
-    schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
-    bar = tqdm(total=args.steps, initial=step, desc=f"training {args.model}", unit="step")
-    t0, n_ctx = time.time(), cfg.n_ctx
-    while step < args.steps:
+    bar = tqdm(total=total, initial=step, desc=f"training {args.model}", unit="step")
+    t0, start = time.time(), step
+    while step < total:
+        if step < c1 + c2:  # copy phases: a short warm-up, then a constant rate
+            name, _, lengths = phases[0] if step < c1 else phases[1]
+            lr = args.lr * min(1.0, (step - (0 if step < c1 else c1) + 1) / 30)
+            tokens = copy_batch(frequent, args.alphabet, lengths, args.copy_tokens, n_ctx, bos, gen)
+            vocab_now = frequent_dev
+        else:  # corpus: warm-up, then cosine decay
+            name, s_ = "corpus", step - c1 - c2
+            lr = args.lr * min(1.0, (s_ + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s_ / args.steps))
+            tokens = batch(train, args.batch, n_ctx, gen, args.repeat_frac, args.random_frac, frequent,
+                           args.spans, args.span_max)
+            vocab_now = vocab_dev
         for g in opt.param_groups:
-            g["lr"] = args.lr * schedule(step)
-        tokens = batch(train, args.batch, n_ctx, gen, args.repeat_frac, args.random_frac, frequent,
-                       args.spans, args.span_max)
+            g["lr"] = lr
         tokens = tokens.to(args.device, non_blocking=True)
-        loss = loss_fn(model, tokens, vocab_dev)
+        loss = loss_fn(model, tokens, vocab_now)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -154,11 +194,14 @@ def main():
         step += 1
         losses.append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", tok_s=f"{args.batch * n_ctx * bar.n / (time.time() - t0 + 1e-9):.0f}")
-        if step % args.save_every == 0 or step == args.steps:
+        tokens_seen += tokens.numel()
+        bar.set_postfix(phase=name, loss=f"{np.mean(losses[-50:]):.3f}",
+                        steps_s=f"{(step - start) / (time.time() - t0 + 1e-9):.1f}")
+        if step % args.save_every == 0 or step == total:
             args.out.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                        "step": step, "losses": torch.tensor(losses)}, ckpt.with_suffix(".tmp"))
+                        "step": step, "tokens_seen": tokens_seen, "losses": torch.tensor(losses)},
+                       ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
     bar.close()
 
@@ -170,10 +213,12 @@ def main():
         vgen = torch.Generator().manual_seed(1234)
         val_loss = float(np.mean([model(batch(val, 8, n_ctx, vgen, 0.0).to(args.device), return_type="loss").item()
                                   for _ in range(10)]))
+    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    recipe["phases"] = [f"{name}: {n} steps" + (f", sequences of {lengths[0]}-{lengths[1]} tokens" if lengths else "")
+                        for name, n, lengths in phases]
     model.cfg.metadata.update({
         "name": f"lens-tiny-{args.model}", "corpus": "Python standard library source (tests excluded)",
-        "recipe": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "tokens_seen": step * args.batch * n_ctx, "final_train_loss": float(np.mean(losses[-100:])),
+        "recipe": recipe, "tokens_seen": tokens_seen, "final_train_loss": float(np.mean(losses[-100:])),
         "val_loss": val_loss, "corpus_vocab": int(len(vocab)),
     })
     model.save(args.out / "final", storage_dtype=torch.float16)
