@@ -6,10 +6,10 @@ tokenised with GPT-2's BPE: real text, full of repeated identifiers. Training ru
   1. copy, short (--copy-steps): BOS, then random tokens in which a sequence of 10 to 30 tokens
      is followed, after a gap of random length, by a copy of itself. Each row draws its tokens
      from its own alphabet of 20 of the corpus's 200 most frequent tokens, so every token recurs
-     with several different successors. That is what makes the paper's circuit (a previous-token
-     head, and an induction head whose keys read it) win: without it the model learns to copy
-     with a positional trick or with duplicate-token heads instead, and the induction score
-     stays near zero. The softmax runs over those 200 tokens, so these steps are cheap.
+     with several different successors. With it, the layer-1 heads come to attend to the
+     induction target (the token after the previous occurrence). Without it, the model learns
+     to copy with a positional trick or with duplicate-token heads instead, and the induction
+     score stays near zero. The softmax runs over those 200 tokens, so these steps are cheap.
   2. copy, long (--copy-long-steps): the same with sequences of 10 to 120 tokens, so that the
      heads work across the whole context.
   3. corpus (--steps): windows of n_ctx corpus tokens; in three quarters of them a span (random
@@ -19,7 +19,10 @@ tokenised with GPT-2's BPE: real text, full of repeated identifiers. Training ru
      CPU training affordable.
 
     python experiments/train_tiny.py --model attn2l --out runs/attn2l [--steps N] [--seed S]
-    python experiments/train_tiny.py --model mlp2l  --out runs/mlp2l
+    python experiments/train_tiny.py --model mlp2l  --out runs/mlp2l --copy-steps 0 --copy-long-steps 0
+
+(The bundled lens-tiny-mlp2l was trained on the corpus alone, before the copy phases existed;
+its exact recipe is in its metadata.)
     python experiments/train_tiny.py --model attn2l --out runs/attn2l --device cuda --batch 64 --steps 50000
 
 Resumable: a checkpoint (weights, optimiser, step, RNG) is written every --save-every steps and
