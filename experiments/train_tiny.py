@@ -76,24 +76,20 @@ def corpus_tokens(cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batch(data: np.ndarray, n: int, n_ctx: int, gen: torch.Generator, repeat_frac: float,
-          random_frac: float = 0.0, vocab: Optional[torch.Tensor] = None, spans: int = 1,
-          span_max: Optional[int] = None) -> torch.Tensor:
-    """n windows of n_ctx tokens. The first repeat_frac of them are cut into `spans` equal
-    segments, and in each a span of random length (8 to span_max, at most half the segment) at a
-    random offset is followed by a copy of itself, so that only a head that looks back for the
-    previous occurrence (not a fixed offset) can predict the copy. In the first random_frac of
-    the windows the spans are random tokens drawn from `vocab`, which only copying predicts."""
+          random_frac: float = 0.0, vocab: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """n windows of n_ctx tokens. In the first repeat_frac of them a span of random length
+    (8 to n_ctx/2) at a random offset is followed by a copy of itself, so that only a head that
+    looks back for the previous occurrence (not a fixed offset) can predict the copy. In the
+    first random_frac of the windows the span is random tokens drawn from `vocab`, which only
+    copying predicts."""
     starts = torch.randint(0, len(data) - n_ctx - 1, (n,), generator=gen).tolist()
     rows = [torch.from_numpy(data[s:s + n_ctx].astype(np.int64)) for s in starts]
-    seg = n_ctx // spans
-    longest = min(seg // 2, span_max or seg)
     for i in range(int(n * repeat_frac)):
-        for j in range(spans):
-            length = int(torch.randint(8, longest + 1, (1,), generator=gen))
-            at = j * seg + int(torch.randint(0, seg - 2 * length + 1, (1,), generator=gen))
-            if i < int(n * random_frac):
-                rows[i][at:at + length] = vocab[torch.randint(0, len(vocab), (length,), generator=gen)]
-            rows[i][at + length:at + 2 * length] = rows[i][at:at + length]
+        length = int(torch.randint(8, n_ctx // 2 + 1, (1,), generator=gen))
+        at = int(torch.randint(0, n_ctx - 2 * length + 1, (1,), generator=gen))
+        if i < int(n * random_frac):
+            rows[i][at:at + length] = vocab[torch.randint(0, len(vocab), (length,), generator=gen)]
+        rows[i][at + length:at + 2 * length] = rows[i][at:at + length]
     return torch.stack(rows)
 
 
@@ -119,7 +115,7 @@ def loss_fn(model: lens.HookedGPT, tokens: torch.Tensor, vocab: torch.Tensor) ->
     resid = model(tokens, stop_at_layer=model.cfg.n_layers)
     resid = model.ln_final(resid)
     logits = resid @ model.W_U[:, vocab] + model.b_U[vocab]
-    target = torch.searchsorted(vocab, tokens[:, 1:])
+    target = torch.searchsorted(vocab, tokens[:, 1:].contiguous())
     return F.cross_entropy(logits[:, :-1].reshape(-1, len(vocab)), target.reshape(-1))
 
 
@@ -139,8 +135,6 @@ def main():
     ap.add_argument("--random-frac", type=float, default=0.5)
     ap.add_argument("--random-vocab", type=int, default=200,
                     help="random spans draw from this many of the corpus's most frequent tokens")
-    ap.add_argument("--spans", type=int, default=1, help="repeated spans per window")
-    ap.add_argument("--span-max", type=int, default=None, help="longest repeated span")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--cache-dir", type=Path, default=Path("runs/corpus"))
     ap.add_argument("--device", default="cpu", help="e.g. cuda; batches are drawn on the CPU either way")
@@ -175,16 +169,16 @@ def main():
     bar = tqdm(total=total, initial=step, desc=f"training {args.model}", unit="step")
     t0, start = time.time(), step
     while step < total:
-        if step < c1 + c2:  # copy phases: a short warm-up, then a constant rate
-            name, _, lengths = phases[0] if step < c1 else phases[1]
-            lr = args.lr * min(1.0, (step - (0 if step < c1 else c1) + 1) / 30)
+        phase = 0 if step < c1 else 1 if step < c1 + c2 else 2
+        name, _, lengths = phases[phase]
+        s_ = step - (0, c1, c1 + c2)[phase]  # steps into this phase
+        if lengths:  # copy phases: a short warm-up, then a constant rate
+            lr = args.lr * min(1.0, (s_ + 1) / 30)
             tokens = copy_batch(frequent, args.alphabet, lengths, args.copy_tokens, n_ctx, bos, gen)
             vocab_now = frequent_dev
         else:  # corpus: warm-up, then cosine decay
-            name, s_ = "corpus", step - c1 - c2
             lr = args.lr * min(1.0, (s_ + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s_ / args.steps))
-            tokens = batch(train, args.batch, n_ctx, gen, args.repeat_frac, args.random_frac, frequent,
-                           args.spans, args.span_max)
+            tokens = batch(train, args.batch, n_ctx, gen, args.repeat_frac, args.random_frac, frequent)
             vocab_now = vocab_dev
         for g in opt.param_groups:
             g["lr"] = lr
