@@ -11,7 +11,10 @@ tokenised with GPT-2's BPE: real text, full of repeated identifiers. Training ru
      to copy with a positional trick or with duplicate-token heads instead, and the induction
      score stays near zero. The softmax runs over those 200 tokens, so these steps are cheap.
   2. copy, long (--copy-long-steps): the same with sequences of 10 to 120 tokens, so that the
-     heads work across the whole context.
+     heads work across the whole context. With a fixed alphabet of 20 a 120-token sequence
+     repeats each token about six times, so attending to every earlier successor is as good as
+     finding the right one, and the heads stay diffuse. --alphabet 0 sizes each row's alphabet
+     to its sequence (at least 20 tokens), which keeps the right successor the one to find.
   3. corpus (--steps): windows of n_ctx corpus tokens; in three quarters of them a span (random
      length, random offset) is followed by a copy of itself, in two thirds of those a span of
      random frequent tokens, which keeps the circuit paying. The softmax runs over the tokens
@@ -93,16 +96,19 @@ def batch(data: np.ndarray, n: int, n_ctx: int, gen: torch.Generator, repeat_fra
     return torch.stack(rows)
 
 
-def copy_batch(pool: torch.Tensor, alphabet: int, lengths: tuple[int, int], tokens: int, n_ctx: int,
-               bos: int, gen: torch.Generator) -> torch.Tensor:
+def copy_batch(pool: torch.Tensor, lengths: tuple[int, int], tokens: int, n_ctx: int, bos: int,
+               gen: torch.Generator, alphabet: Optional[int] = None, min_alphabet: int = 20) -> torch.Tensor:
     """Rows of BOS + random tokens in which a sequence x (len(x) drawn from `lengths`, the same for
-    the batch) appears, then after a gap a copy of it ends the row. Each row's tokens come from
-    its own random `alphabet` of the ids in `pool`; about `tokens` tokens per batch (≤ 32 rows)."""
+    the batch) appears, then after a gap a copy of it ends the row; about `tokens` tokens per batch
+    (at most 32 rows). Each row draws its tokens from its own random alphabet of `alphabet` ids of
+    `pool`; by default the alphabet has as many ids as x is long (at least `min_alphabet`), so a
+    token recurs about once per sequence, each time with a different successor."""
     length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=gen))
     gap = int(torch.randint(0, min(length, n_ctx - 1 - 2 * length) + 1, (1,), generator=gen))
     n = max(4, min(32, tokens // (2 * length + 1)))
-    alphabets = torch.stack([pool[torch.randperm(len(pool), generator=gen)[:alphabet]] for _ in range(n)])
-    rows = alphabets.gather(1, torch.randint(0, alphabet, (n, 1 + 2 * length + gap), generator=gen))
+    size = min(len(pool), alphabet or max(min_alphabet, length))
+    alphabets = torch.stack([pool[torch.randperm(len(pool), generator=gen)[:size]] for _ in range(n)])
+    rows = alphabets.gather(1, torch.randint(0, size, (n, 1 + 2 * length + gap), generator=gen))
     rows[:, 0] = bos
     for i in range(n):
         at = 1 + int(torch.randint(0, gap + 1, (1,), generator=gen))
@@ -127,7 +133,8 @@ def main():
     ap.add_argument("--copy-steps", type=int, default=5000, help="phase 1 steps")
     ap.add_argument("--copy-long-steps", type=int, default=3000, help="phase 2 steps")
     ap.add_argument("--copy-tokens", type=int, default=2600, help="tokens per copy batch (at most 32 rows)")
-    ap.add_argument("--alphabet", type=int, default=20, help="tokens per copy row's alphabet")
+    ap.add_argument("--alphabet", type=int, default=20,
+                    help="tokens per copy row's alphabet; 0: as many as the copied sequence is long (at least 20)")
     ap.add_argument("--batch", type=int, default=8, help="corpus windows per batch")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -174,7 +181,7 @@ def main():
         s_ = step - (0, c1, c1 + c2)[phase]  # steps into this phase
         if lengths:  # copy phases: a short warm-up, then a constant rate
             lr = args.lr * min(1.0, (s_ + 1) / 30)
-            tokens = copy_batch(frequent, args.alphabet, lengths, args.copy_tokens, n_ctx, bos, gen)
+            tokens = copy_batch(frequent, lengths, args.copy_tokens, n_ctx, bos, gen, args.alphabet or None)
             vocab_now = frequent_dev
         else:  # corpus: warm-up, then cosine decay
             lr = args.lr * min(1.0, (s_ + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s_ / args.steps))

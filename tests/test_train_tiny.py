@@ -1,0 +1,59 @@
+"""The copy batches that teach the bundled attention-only model to copy hold what their
+docstring promises: BOS, a sequence, a gap, the sequence again at the end, one alphabet per row."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def train_tiny():
+    spec = importlib.util.spec_from_file_location("experiments_train_tiny", ROOT / "experiments" / "train_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def copied_length(row: torch.Tensor) -> int:
+    """The longest n such that the row's last n tokens occur earlier in the row (after BOS)."""
+    best = 0
+    for n in range(1, (len(row) - 1) // 2 + 1):
+        tail = row[-n:]
+        if any(torch.equal(row[s:s + n], tail) for s in range(1, len(row) - 2 * n + 1)):
+            best = n
+    return best
+
+
+@pytest.mark.parametrize("alphabet", [20, None])
+def test_copy_batch_rows_end_with_a_copy_from_their_own_alphabet(train_tiny, alphabet):
+    pool = torch.arange(1000, 1200)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        rows = train_tiny.copy_batch(pool, (10, 60), 2600, 256, 50256, gen, alphabet)
+        n, T = rows.shape
+        assert 4 <= n <= 32 and T <= 256
+        assert (rows[:, 0] == 50256).all()
+        assert torch.isin(rows[:, 1:], pool).all()
+        # the copy's length is the same for the whole batch and fixes the row length to 1 + 2L + gap
+        lengths = {copied_length(r) for r in rows[:3]}
+        L = min(lengths)
+        assert 10 <= L and 2 * L + 1 <= T <= 3 * L + 1
+        size = alphabet or max(20, L)
+        for r in rows:
+            assert len(r[1:].unique()) <= size
+        # rows do not share one alphabet
+        assert len(torch.unique(rows[:, 1:])) > size
+
+
+def test_copy_batch_alphabet_grows_with_the_sequence(train_tiny):
+    pool = torch.arange(1000, 1200)
+    gen = torch.Generator().manual_seed(1)
+    rows = train_tiny.copy_batch(pool, (100, 100), 4000, 256, 50256, gen, None)
+    distinct = torch.tensor([len(r[1:].unique()) for r in rows], dtype=torch.float)
+    assert distinct.max() <= 100 and distinct.mean() > 40  # ~100 draws with repeats from 100 ids
+    small = train_tiny.copy_batch(pool, (100, 100), 4000, 256, 50256, gen, 20)
+    assert max(len(r[1:].unique()) for r in small) <= 20
