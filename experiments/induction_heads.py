@@ -6,7 +6,8 @@ Reproduces the induction-head results of "A Mathematical Framework for Transform
   (a) on a random token sequence repeated twice, the loss on the second repeat is much lower
       than on the first (the model copies what followed the previous occurrence);
   (b) a layer-0 head attends to the previous token and a layer-1 head is an induction head
-      (it attends to the token after the previous occurrence of the current token);
+      (it attends to the token after the previous occurrence of the current token); for the
+      top two, how that attention varies with where the target sits in the context;
   (c) the induction head's keys read the previous-token head's output: its K-composition with
       that head is well above the score of random matrices of the same shapes;
   (d) zero- or mean-ablating the induction heads destroys the second repeat's advantage;
@@ -112,6 +113,24 @@ def top_key_offsets(model, tokens: Int[Tensor, "batch pos"], seq_len: int) -> In
     return torch.stack(out).cpu()
 
 
+def attention_by_key(model, tokens: Int[Tensor, "batch pos"], head: Head,
+                     target: Float[Tensor, "pos pos"]) -> Float[Tensor, "pos"]:
+    """Where in the context a head does its job: the head's attention (mean over the batch) from
+    each query that `target` marks to its marked key, indexed by that key's position; NaN at
+    keys no query targets. A previous-token head that works only early in the context shows here
+    as a curve that falls to zero, while its score (the mean) only looks weak."""
+    layer, h = head
+    name_ = f"blocks.{layer}.attn.hook_pattern"
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name_)
+    pattern = cache[name_][:, h].float().cpu()  # [batch, query, key]
+    target = target.cpu()
+    queries = (target.sum(-1) > 0).nonzero().squeeze(-1)
+    keys = target[queries].argmax(-1)
+    out = torch.full((target.shape[0],), float("nan"))
+    out[keys] = pattern[:, queries, keys].mean(0)
+    return out
+
+
 def top_head(scores: Tensor, layers: range) -> Head:
     sub = scores[layers.start:layers.stop]
     i = int(sub.nan_to_num(float("-inf")).flatten().argmax())
@@ -197,16 +216,30 @@ def main(argv: Optional[list[str]] = None) -> dict:
                      [[name(k), float(prev[k]), float(ind[k]), float(ind_uniform[k]), int(offsets[k])]
                       for k in heads]),
                "![previous-token scores](previous_token_scores.png) ![induction scores](induction_scores.png)"]
+    top_ind = top_head(ind, range(1, L))
+    top_prev = top_head(prev, range(0, top_ind[0]))
+    n_pos = tokens.shape[1]
+    by_key = {f"{name(top_prev)} → previous token": attention_by_key(model, tokens, top_prev,
+                                                                      circuits.previous_token_pattern(n_pos)),
+              f"{name(top_ind)} → induction target": attention_by_key(model, tokens, top_ind, induction_target(N))}
+    lines(by_key, x=list(range(n_pos)), xlabel="key position", ylabel="attention",
+          title="attention to the head's target, by where the target sits", path=args.out / "attention_by_position.png")
+    edges = [round(i * n_pos / 4) for i in range(5)]
+    cell = lambda v: "–" if math.isnan(v) else f"{v:.3f}"
+    report += [f"Where the top previous-token head and the top induction head do their job: their attention "
+               f"to their target, by the target's position (mean over positions in each range).",
+               table(["key positions"] + list(by_key),
+                     [[f"{a}–{b - 1}"] + [cell(float(v[a:b].nanmean())) for v in by_key.values()]
+                      for a, b in zip(edges, edges[1:])]),
+               "![attention by position](attention_by_position.png)"]
 
     # (c) K-composition of the earlier heads into the induction head's layer
-    top_ind = top_head(ind, range(1, L))
     li, hi = top_ind
     comp = circuits.composition_scores(model, "k").float().cpu()
     base = circuits.random_composition_baseline(model, "k", n_samples=args.n_random, seed=args.seed).float().cpu()
     b_mean, b_std, b_99 = float(base.mean()), float(base.std()), float(base.quantile(0.99))
     # the earlier head whose output the induction head's keys read most: its K-composition partner
     partner = top_head(comp[:li, :, li, hi], range(0, li))
-    top_prev = top_head(prev, range(0, li))
     k_top = float(comp[partner + top_ind])
     circuits.plot_head_scores(comp, args.out / "k_composition.png", "K-composition scores")
     report += ["## (c) K-composition",
@@ -274,6 +307,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "previous_token_scores": prev.tolist(), "induction_scores": ind.tolist(),
         "induction_scores_uniform": ind_uniform.tolist(),
         "top_key_offsets": offsets.tolist(), "ov_copying_scores": ov.tolist(),
+        "attention_by_position": {k: v.tolist() for k, v in by_key.items()},
         "k_composition": comp.tolist(), "baseline_mean": b_mean, "baseline_std": b_std,
         "baseline_99": b_99, "k_composition_partner": partner,
         "top_induction_head": top_ind, "top_previous_token_head": top_prev, "k_composition_top": k_top,

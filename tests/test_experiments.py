@@ -67,7 +67,7 @@ def test_induction_heads_script(induction, tmp_path, capsys):
     res = induction.main(["--out", str(tmp_path), "--seq-len", str(seq_len), "--batch", str(batch),
                           "--n-random", "64", "--seed", "1"])
     for f in ["report.md", "loss_per_position.png", "previous_token_scores.png",
-              "induction_scores.png", "k_composition.png"]:
+              "induction_scores.png", "k_composition.png", "attention_by_position.png"]:
         assert (tmp_path / f).stat().st_size > 0, f
     report = (tmp_path / "report.md").read_text()
     assert report.strip() in capsys.readouterr().out
@@ -114,6 +114,15 @@ def test_induction_heads_script(induction, tmp_path, capsys):
     assert res["baseline_mean"] <= res["baseline_99"] < 1
     assert res["induction_heads"] and all(l >= 1 for l, _ in res["induction_heads"])
     assert f"L{li}H{hi}" in lines[1]
+
+    # attention by key position: its mean over the targeted keys is the head's score
+    by_pos = res["attention_by_position"]
+    prev_pos, ind_pos = (torch.tensor(by_pos[k]) for k in by_pos)
+    assert list(by_pos) == [f"L{lp}H{hp} → previous token", f"L{li}H{hi} → induction target"]
+    assert len(prev_pos) == len(ind_pos) == 2 * seq_len + 1
+    assert ind_pos.isnan().sum() == 2 * seq_len + 1 - seq_len
+    assert float(prev_pos.nanmean()) == pytest.approx(res["previous_token_scores"][lp][hp], abs=1e-5)
+    assert float(ind_pos.nanmean()) == pytest.approx(res["induction_scores"][li][hi], abs=1e-5)
 
 
 def test_head_attribution_script(attribution, tmp_path, capsys):
@@ -183,7 +192,17 @@ def test_induction_target_scores_a_perfect_induction_head(induction):
         ind = circuits.detect_head(model, tokens, target)
         prev_scores = circuits.previous_token_scores(model, tokens)
         offsets = induction.top_key_offsets(model, tokens, seq_len)
+        ind_by_key = induction.attention_by_key(model, tokens, (1, 2), target)
+        prev_by_key = induction.attention_by_key(model, tokens, (1, 1), prev)
+        dup_by_key = induction.attention_by_key(model, tokens, (1, 3), target)
     assert float(ind[1, 2]) == pytest.approx(1.0)
+    # by key position: 1 at every induction target (keys 2..seq_len + 1), NaN at keys nothing targets
+    targeted = torch.zeros(n, dtype=torch.bool)
+    targeted[2:seq_len + 2] = True
+    assert torch.equal(~ind_by_key.isnan(), targeted)
+    assert torch.allclose(ind_by_key[targeted], torch.ones(seq_len))
+    assert torch.allclose(dup_by_key[targeted], torch.zeros(seq_len))
+    assert torch.allclose(prev_by_key[:n - 1], torch.ones(n - 1)) and prev_by_key[n - 1].isnan()
     assert float(prev_scores[1, 1]) == pytest.approx(1.0)
     assert float(ind[1, 1]) == pytest.approx(0.0)
     assert float(ind[1, 3]) == pytest.approx(0.0)
