@@ -5,24 +5,29 @@ tokenised with GPT-2's BPE: real text, full of repeated identifiers. Training ru
 
   1. copy, short (--copy-steps): BOS, then random tokens in which a sequence of 10 to 30 tokens
      is followed, after a gap of random length, by a copy of itself. Each row draws its tokens
-     from its own alphabet of 20 of the corpus's 200 most frequent tokens, so every token recurs
-     with several different successors. With it, the layer-1 heads come to attend to the
-     induction target (the token after the previous occurrence). Without it, the model learns
-     to copy with a positional trick or with duplicate-token heads instead, and the induction
-     score stays near zero. The softmax runs over those 200 tokens, so these steps are cheap.
-  2. copy, long (--copy-long-steps): the same with sequences of 10 to 120 tokens, so that the
-     heads work across the whole context. With a fixed alphabet of 20 a 120-token sequence
-     repeats each token about six times, so attending to every earlier successor is as good as
-     finding the right one, and the heads stay diffuse. --alphabet 0 sizes each row's alphabet
-     to its sequence (at least 20 tokens), which keeps the right successor the one to find.
-  3. corpus (--steps): windows of n_ctx corpus tokens; in three quarters of them a span (random
+     from its own alphabet of the corpus's 200 most frequent tokens, about as many as the
+     sequence is long (--alphabet 0; at least 20), so every token recurs with different
+     successors. With it, the layer-1 heads come to attend to the induction target (the token
+     after the previous occurrence). Without it, the model learns to copy with a positional trick
+     or with duplicate-token heads instead, and the induction score stays near zero. The softmax
+     runs over those 200 tokens, so these steps are cheap.
+  2. copy, short, anywhere (--copy-anywhere-steps): the same tasks at random offsets in the
+     whole context, the rest filled with tokens outside the row's alphabet. W_pos is learned one
+     row per position, so a previous-token head works only where it was trained: after phase 1
+     only near the start of the context. This phase carries it (and the induction head that reads
+     it) to every position.
+  3. copy, long (--copy-long-steps): sequences of 10 to 120 tokens, also anywhere
+     (--no-long-anywhere: from the start of the context). A fixed alphabet of 20 would repeat
+     each token about six times in a 120-token sequence and leave the heads diffuse.
+  4. corpus (--steps): windows of n_ctx corpus tokens; in three quarters of them a span (random
      length, random offset) is followed by a copy of itself, in two thirds of those a span of
      random frequent tokens, which keeps the circuit paying. The softmax runs over the tokens
      that occur in the corpus (the others get a large negative unembedding bias), which keeps
      CPU training affordable.
 
     python experiments/train_tiny.py --model attn2l --out runs/attn2l [--steps N] [--seed S]
-    python experiments/train_tiny.py --model mlp2l  --out runs/mlp2l --copy-steps 0 --copy-long-steps 0
+    python experiments/train_tiny.py --model mlp2l  --out runs/mlp2l --copy-steps 0 --copy-anywhere-steps 0 \
+        --copy-long-steps 0
 
 (The bundled lens-tiny-mlp2l was trained on the corpus alone, before the copy phases existed;
 its exact recipe is in its metadata.)
@@ -97,12 +102,17 @@ def batch(data: np.ndarray, n: int, n_ctx: int, gen: torch.Generator, repeat_fra
 
 
 def copy_batch(pool: torch.Tensor, lengths: tuple[int, int], tokens: int, n_ctx: int, bos: int,
-               gen: torch.Generator, alphabet: Optional[int] = None, min_alphabet: int = 20) -> torch.Tensor:
+               gen: torch.Generator, alphabet: Optional[int] = None, min_alphabet: int = 20,
+               anywhere: bool = False) -> torch.Tensor:
     """Rows of BOS + random tokens in which a sequence x (len(x) drawn from `lengths`, the same for
     the batch) appears, then after a gap a copy of it ends the row; about `tokens` tokens per batch
     (at most 32 rows). Each row draws its tokens from its own random alphabet of `alphabet` ids of
     `pool`; by default the alphabet has as many ids as x is long (at least `min_alphabet`), so a
-    token recurs about once per sequence, each time with a different successor."""
+    token recurs about once per sequence, each time with a different successor.
+
+    With `anywhere`, each row is n_ctx long and the task (everything after BOS) sits at a random
+    offset in it, the rest filled with ids of `pool` outside the row's alphabet: the copies then
+    occur at every position of the context, not only at the start."""
     length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=gen))
     gap = int(torch.randint(0, min(length, n_ctx - 1 - 2 * length) + 1, (1,), generator=gen))
     n = max(4, min(32, tokens // (2 * length + 1)))
@@ -113,7 +123,18 @@ def copy_batch(pool: torch.Tensor, lengths: tuple[int, int], tokens: int, n_ctx:
     for i in range(n):
         at = 1 + int(torch.randint(0, gap + 1, (1,), generator=gen))
         rows[i, 1 + gap + length:] = rows[i, at:at + length]
-    return rows
+    if not anywhere:
+        return rows
+    task = rows.shape[1] - 1
+    out = torch.empty(n, n_ctx, dtype=rows.dtype)
+    for i in range(n):
+        others = pool[~torch.isin(pool, alphabets[i])]
+        others = others if len(others) else pool
+        out[i] = others[torch.randint(0, len(others), (n_ctx,), generator=gen)]
+        at = 1 + int(torch.randint(0, n_ctx - task, (1,), generator=gen))
+        out[i, at:at + task] = rows[i, 1:]
+    out[:, 0] = bos
+    return out
 
 
 def loss_fn(model: lens.HookedGPT, tokens: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
@@ -129,11 +150,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=1500, help="corpus steps (phase 3)")
+    ap.add_argument("--steps", type=int, default=800, help="corpus steps (phase 4)")
     ap.add_argument("--copy-steps", type=int, default=5000, help="phase 1 steps")
-    ap.add_argument("--copy-long-steps", type=int, default=3000, help="phase 2 steps")
-    ap.add_argument("--copy-tokens", type=int, default=2600, help="tokens per copy batch (at most 32 rows)")
-    ap.add_argument("--alphabet", type=int, default=20,
+    ap.add_argument("--copy-anywhere-steps", type=int, default=2000, help="phase 2 steps")
+    ap.add_argument("--copy-long-steps", type=int, default=1000, help="phase 3 steps")
+    ap.add_argument("--long-anywhere", action=argparse.BooleanOptionalAction, default=True,
+                    help="place the long copies anywhere in the context too")
+    ap.add_argument("--copy-tokens", type=int, default=2600,
+                    help="tokens per copy batch (at most 32 rows), before anywhere-rows are padded to n_ctx")
+    ap.add_argument("--alphabet", type=int, default=0,
                     help="tokens per copy row's alphabet; 0: as many as the copied sequence is long (at least 20)")
     ap.add_argument("--batch", type=int, default=8, help="corpus windows per batch")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -167,21 +192,26 @@ def main():
         gen.set_state(state["gen"].cpu())
         step, tokens_seen, losses = int(state["step"]), int(state["tokens_seen"]), state["losses"].tolist()
         print(f"resuming at step {step}")
-    c1, c2 = args.copy_steps, args.copy_long_steps
-    phases = [("copy, short", c1, (10, 30)), ("copy, long", c2, (10, 120)), ("corpus", args.steps, None)]
-    total = c1 + c2 + args.steps
+    # (name, steps, copied-sequence lengths (None: corpus), copy tasks anywhere in the context)
+    phases = [("copy, short", args.copy_steps, (10, 30), False),
+              ("copy, short, anywhere", args.copy_anywhere_steps, (10, 30), True),
+              ("copy, long", args.copy_long_steps, (10, 120), args.long_anywhere),
+              ("corpus", args.steps, None, False)]
+    ends = np.cumsum([n for _, n, _, _ in phases]).tolist()
+    total = ends[-1]
     bos, n_ctx = Tokenizer.gpt2().eos_token_id, cfg.n_ctx
     frequent_dev = frequent.sort().values.to(args.device)
     warmup = max(1, min(100, args.steps // 10))
     bar = tqdm(total=total, initial=step, desc=f"training {args.model}", unit="step")
     t0, start = time.time(), step
     while step < total:
-        phase = 0 if step < c1 else 1 if step < c1 + c2 else 2
-        name, _, lengths = phases[phase]
-        s_ = step - (0, c1, c1 + c2)[phase]  # steps into this phase
+        phase = next(i for i, end in enumerate(ends) if step < end)
+        name, n_steps, lengths, anywhere = phases[phase]
+        s_ = step - (ends[phase] - n_steps)  # steps into this phase
         if lengths:  # copy phases: a short warm-up, then a constant rate
             lr = args.lr * min(1.0, (s_ + 1) / 30)
-            tokens = copy_batch(frequent, lengths, args.copy_tokens, n_ctx, bos, gen, args.alphabet or None)
+            tokens = copy_batch(frequent, lengths, args.copy_tokens, n_ctx, bos, gen, args.alphabet or None,
+                                anywhere=anywhere)
             vocab_now = frequent_dev
         else:  # corpus: warm-up, then cosine decay
             lr = args.lr * min(1.0, (s_ + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s_ / args.steps))
@@ -219,7 +249,7 @@ def main():
                                   for _ in range(10)]))
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     recipe["phases"] = [f"{name}: {n} steps" + (f", sequences of {lengths[0]}-{lengths[1]} tokens" if lengths else "")
-                        for name, n, lengths in phases]
+                        for name, n, lengths, _ in phases if n]
     model.cfg.metadata.update({
         "name": f"lens-tiny-{args.model}", "corpus": "Python standard library source (tests excluded)",
         "recipe": recipe, "tokens_seen": tokens_seen, "final_train_loss": float(np.mean(losses[-100:])),

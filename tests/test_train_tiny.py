@@ -57,3 +57,38 @@ def test_copy_batch_alphabet_grows_with_the_sequence(train_tiny):
     assert distinct.max() <= 100 and distinct.mean() > 40  # ~100 draws with repeats from 100 ids
     small = train_tiny.copy_batch(pool, (100, 100), 4000, 256, 50256, gen, 20)
     assert max(len(r[1:].unique()) for r in small) <= 20
+
+
+def longest_repeat(row: torch.Tensor) -> tuple[int, int, int]:
+    """(start of the first occurrence, start of the second, length) of the longest span that
+    occurs twice in the row."""
+    best = (0, 0, 0)
+    for d in range(1, len(row)):
+        same = torch.cat([(row[d:] == row[:-d]).int(), torch.zeros(1, dtype=torch.int)])
+        edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int), same]))
+        starts, ends = (edges == 1).nonzero().squeeze(-1), (edges == -1).nonzero().squeeze(-1)
+        if len(starts):
+            k = int((ends - starts).argmax())
+            if int(ends[k] - starts[k]) > best[2]:
+                best = (int(starts[k]), int(starts[k]) + d, int(ends[k] - starts[k]))
+    return best
+
+
+def test_copy_batch_anywhere_places_the_task_at_random_offsets(train_tiny):
+    pool = torch.arange(1000, 1200)
+    gen = torch.Generator().manual_seed(2)
+    firsts = []
+    for _ in range(3):
+        rows = train_tiny.copy_batch(pool, (10, 30), 2600, 256, 50256, gen, 20, anywhere=True)
+        assert rows.shape[1] == 256 and (rows[:, 0] == 50256).all()
+        assert torch.isin(rows[:, 1:], pool).all()
+        for r in rows[:8]:
+            i, j, L = longest_repeat(r)
+            # x (10-30 tokens; a chance match can lengthen the run by a token) and its copy after a
+            # gap of at most len(x)
+            assert 10 <= L <= 32 and 10 <= j - i <= 60
+            firsts.append(i)
+            # the filler around the task never uses the row's alphabet (the copied tokens)
+            x = r[i:i + L]
+            assert not torch.isin(r[1:max(1, i - L)], x).any() and not torch.isin(r[j + L:], x).any()
+    assert min(firsts) < 60 and max(firsts) > 120  # the task sits anywhere in the context
