@@ -100,34 +100,35 @@ def halves(nll: Tensor, seq_len: int) -> tuple[float, float]:
     return float(nll[:, 1:seq_len].mean()), float(nll[:, seq_len + 1:2 * seq_len].mean())
 
 
-def top_key_offsets(model, tokens: Int[Tensor, "batch pos"], seq_len: int) -> Int[Tensor, "n_layers n_heads"]:
+def patterns(model, tokens: Int[Tensor, "batch pos"]) -> list[Float[Tensor, "batch head query key"]]:
+    """Every layer's attention pattern on `tokens`, one forward pass."""
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    return [cache["pattern", layer].float().cpu() for layer in range(model.cfg.n_layers)]
+
+
+def top_key_offsets(pattern: list[Tensor], seq_len: int) -> Int[Tensor, "n_layers n_heads"]:
     """Where each head looks from the second repeat: the most common (top key − query) over its
     queries there. -1 is a previous-token head, -(seq_len - 1) an induction head (the token after
     the previous occurrence), -seq_len a duplicate-token head (the previous occurrence itself)."""
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
-    queries = torch.arange(seq_len + 2, 2 * seq_len + 1, device=tokens.device)
+    queries = torch.arange(seq_len + 2, 2 * seq_len + 1)
     out = []
-    for layer in range(model.cfg.n_layers):
-        top = cache["pattern", layer][:, :, queries].argmax(-1)  # [batch, head, query]
+    for p in pattern:
+        top = p[:, :, queries].argmax(-1)  # [batch, head, query]
         out.append((top - queries).transpose(0, 1).flatten(1).mode(-1).values)
-    return torch.stack(out).cpu()
+    return torch.stack(out)
 
 
-def attention_by_key(model, tokens: Int[Tensor, "batch pos"], head: Head,
+def attention_by_key(pattern: Float[Tensor, "batch query key"],
                      target: Float[Tensor, "pos pos"]) -> Float[Tensor, "pos"]:
-    """Where in the context a head does its job: the head's attention (mean over the batch) from
-    each query that `target` marks to its marked key, indexed by that key's position; NaN at
-    keys no query targets. A previous-token head that works only early in the context shows here
-    as a curve that falls to zero, while its score (the mean) only looks weak."""
-    layer, h = head
-    name_ = f"blocks.{layer}.attn.hook_pattern"
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == name_)
-    pattern = cache[name_][:, h].float().cpu()  # [batch, query, key]
+    """Where in the context a head does its job: the head's attention `pattern` (mean over the
+    batch) from each query that `target` marks to its marked key, indexed by that key's position;
+    NaN at keys no query targets. A previous-token head that works only early in the context
+    shows here as a curve that falls to zero, while its score (the mean) only looks weak."""
     target = target.cpu()
     queries = (target.sum(-1) > 0).nonzero().squeeze(-1)
     keys = target[queries].argmax(-1)
     out = torch.full((target.shape[0],), float("nan"))
-    out[keys] = pattern[:, queries, keys].mean(0)
+    out[keys] = pattern[:, queries, keys].float().mean(0)
     return out
 
 
@@ -202,7 +203,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     prev = circuits.previous_token_scores(model, tokens).float().cpu()
     ind = circuits.detect_head(model, tokens, induction_target(N)).float().cpu()
     ind_uniform = circuits.induction_scores(model, seq_len=N, batch=args.batch, seed=args.seed).float().cpu()
-    offsets = top_key_offsets(model, tokens, N)
+    pattern = patterns(model, tokens)
+    offsets = top_key_offsets(pattern, N)
     circuits.plot_head_scores(prev, args.out / "previous_token_scores.png", "previous-token score")
     circuits.plot_head_scores(ind, args.out / "induction_scores.png", "induction score")
     heads = [(l, h) for l in range(L) for h in range(H)]
@@ -219,9 +221,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     top_ind = top_head(ind, range(1, L))
     top_prev = top_head(prev, range(0, top_ind[0]))
     n_pos = tokens.shape[1]
-    by_key = {f"{name(top_prev)} → previous token": attention_by_key(model, tokens, top_prev,
+    by_key = {f"{name(top_prev)} → previous token": attention_by_key(pattern[top_prev[0]][:, top_prev[1]],
                                                                       circuits.previous_token_pattern(n_pos)),
-              f"{name(top_ind)} → induction target": attention_by_key(model, tokens, top_ind, induction_target(N))}
+              f"{name(top_ind)} → induction target": attention_by_key(pattern[top_ind[0]][:, top_ind[1]],
+                                                                     induction_target(N))}
     lines(by_key, x=list(range(n_pos)), xlabel="key position", ylabel="attention",
           title="attention to the head's target, by where the target sits", path=args.out / "attention_by_position.png")
     edges = [round(i * n_pos / 4) for i in range(5)]

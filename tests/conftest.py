@@ -1,5 +1,6 @@
 """Small random models shared by the tests."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,15 @@ import lens
 # Tests run two pytest workers on two cores; one thread each avoids thread-pool contention,
 # which dominates the run time of tiny models.
 torch.set_num_threads(1)
+
+
+def load_script(name: str):
+    """experiments/<name>.py as a module (the experiments are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_model(seed: int = 0, **overrides) -> lens.HookedGPT:

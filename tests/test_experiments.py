@@ -2,26 +2,16 @@
 test_the_bundled_model_has_induction_heads holds the bundled attention-only model to what "A
 Mathematical Framework for Transformer Circuits" finds."""
 
-import importlib.util
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 import lens
+from conftest import load_script
 
 pytest.importorskip("matplotlib")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def induction():
@@ -191,10 +181,11 @@ def test_induction_target_scores_a_perfect_induction_head(induction):
     with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", force)]):
         ind = circuits.detect_head(model, tokens, target)
         prev_scores = circuits.previous_token_scores(model, tokens)
-        offsets = induction.top_key_offsets(model, tokens, seq_len)
-        ind_by_key = induction.attention_by_key(model, tokens, (1, 2), target)
-        prev_by_key = induction.attention_by_key(model, tokens, (1, 1), prev)
-        dup_by_key = induction.attention_by_key(model, tokens, (1, 3), target)
+        pattern = induction.patterns(model, tokens)
+    offsets = induction.top_key_offsets(pattern, seq_len)
+    ind_by_key = induction.attention_by_key(pattern[1][:, 2], target)
+    prev_by_key = induction.attention_by_key(pattern[1][:, 1], prev)
+    dup_by_key = induction.attention_by_key(pattern[1][:, 3], target)
     assert float(ind[1, 2]) == pytest.approx(1.0)
     # by key position: 1 at every induction target (keys 2..seq_len + 1), NaN at keys nothing targets
     targeted = torch.zeros(n, dtype=torch.bool)

@@ -1,21 +1,15 @@
 """The copy batches that teach the bundled attention-only model to copy hold what their
 docstring promises: BOS, a sequence, a gap, the sequence again at the end, one alphabet per row."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def train_tiny():
-    spec = importlib.util.spec_from_file_location("experiments_train_tiny", ROOT / "experiments" / "train_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_tiny")
 
 
 def copied_length(row: torch.Tensor) -> int:
