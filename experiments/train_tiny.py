@@ -13,21 +13,28 @@ tokenised with GPT-2's BPE: real text, full of repeated identifiers. Training ru
      runs over those 200 tokens, so these steps are cheap.
   2. copy, short, anywhere (--copy-anywhere-steps): the same tasks at random offsets in the
      whole context, the rest filled with tokens outside the row's alphabet. W_pos is learned one
-     row per position, so a previous-token head works only where it was trained: after phase 1
-     only near the start of the context. This phase carries it (and the induction head that reads
-     it) to every position.
+     row per position, so a previous-token head works only where it was trained: after phase 1,
+     at positions below about 20, where the first copies sat. The rows after them were shaped
+     by phase 1 for other jobs and hardly learn it later (at positions 26-75 the head still gave
+     the previous token 0.1-0.2 after 3,000 steps of this phase, while untouched rows further on
+     reached 0.9). So the phase starts by
+     re-initialising W_pos from --fresh-pos (20) on. The previous-token head then forms at every
+     position, and the induction heads that read it follow.
   3. copy, long (--copy-long-steps): sequences of 10 to 120 tokens, also anywhere
-     (--no-long-anywhere: from the start of the context). A fixed alphabet of 20 would repeat
-     each token about six times in a 120-token sequence and leave the heads diffuse.
+     (--no-long-anywhere: from the start of the context), with alphabets drawn from the 2,000
+     most frequent tokens (--long-vocab). A fixed alphabet of 20 would repeat each token about
+     six times in a 120-token sequence and leave the heads diffuse. The wider pool makes the
+     heads copy every common token, not just the 200 of phases 1-2: after the corpus phase
+     reshapes the embeddings, a circuit trained on 200 tokens no longer matches the others.
   4. corpus (--steps): windows of n_ctx corpus tokens; in three quarters of them a span (random
      length, random offset) is followed by a copy of itself, in two thirds of those a span of
-     random frequent tokens, which keeps the circuit paying. The softmax runs over the tokens
-     that occur in the corpus (the others get a large negative unembedding bias), which keeps
-     CPU training affordable.
+     random frequent tokens (the 2,000 most frequent, --random-vocab), which keeps the circuit
+     paying. The softmax runs over the tokens that occur in the corpus (the others get a large
+     negative unembedding bias), which keeps CPU training affordable.
 
     python experiments/train_tiny.py --model attn2l --out runs/attn2l [--steps N] [--seed S]
     python experiments/train_tiny.py --model mlp2l  --out runs/mlp2l --copy-steps 0 --copy-anywhere-steps 0 \
-        --copy-long-steps 0
+        --copy-long-steps 0 --random-vocab 200 --steps 700
 
 (The bundled lens-tiny-mlp2l was trained on the corpus alone, before the copy phases existed;
 its exact recipe is in its metadata.)
@@ -137,6 +144,17 @@ def copy_batch(pool: torch.Tensor, lengths: tuple[int, int], tokens: int, n_ctx:
     return out
 
 
+def fresh_positions(model: lens.HookedGPT, opt: torch.optim.Optimizer, start: int, seed: int) -> None:
+    """Re-initialise W_pos[start:] (normal, std 0.02) and clear its optimiser state there."""
+    W = model.pos_embed.W_pos
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        W[start:] = (torch.randn(W[start:].shape, generator=g) * 0.02).to(W)
+    for buf in opt.state.get(W, {}).values():
+        if buf.dim() == 2:
+            buf[start:] = 0
+
+
 def loss_fn(model: lens.HookedGPT, tokens: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
     """Next-token loss with the softmax restricted to the corpus vocabulary `vocab` (sorted ids)."""
     resid = model(tokens, stop_at_layer=model.cfg.n_layers)
@@ -156,6 +174,8 @@ def main():
     ap.add_argument("--copy-long-steps", type=int, default=1000, help="phase 3 steps")
     ap.add_argument("--long-anywhere", action=argparse.BooleanOptionalAction, default=True,
                     help="place the long copies anywhere in the context too")
+    ap.add_argument("--fresh-pos", type=int, default=20,
+                    help="at the start of phase 2, re-initialise W_pos rows from this position on (0: keep them)")
     ap.add_argument("--copy-tokens", type=int, default=2600,
                     help="tokens per copy batch (at most 32 rows), before anywhere-rows are padded to n_ctx")
     ap.add_argument("--alphabet", type=int, default=0,
@@ -165,8 +185,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat-frac", type=float, default=0.75)
     ap.add_argument("--random-frac", type=float, default=0.5)
-    ap.add_argument("--random-vocab", type=int, default=200,
-                    help="random spans draw from this many of the corpus's most frequent tokens")
+    ap.add_argument("--copy-vocab", type=int, default=200,
+                    help="phases 1-2 draw their alphabets from this many of the corpus's most frequent tokens")
+    ap.add_argument("--long-vocab", type=int, default=2000, help="the same for phase 3")
+    ap.add_argument("--random-vocab", type=int, default=2000,
+                    help="phase 4's random spans draw from this many of the corpus's most frequent tokens")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--cache-dir", type=Path, default=Path("runs/corpus"))
     ap.add_argument("--device", default="cpu", help="e.g. cuda; batches are drawn on the CPU either way")
@@ -175,7 +198,7 @@ def main():
     torch.manual_seed(args.seed)
     train, val = corpus_tokens(args.cache_dir)
     vocab = torch.from_numpy(np.unique(np.concatenate([train, val])).astype(np.int64))
-    frequent = torch.from_numpy(np.argsort(-np.bincount(train, minlength=50257))[:args.random_vocab].astype(np.int64))
+    by_count = torch.from_numpy(np.argsort(-np.bincount(train, minlength=50257)).astype(np.int64))
     cfg = lens.GPTConfig(d_vocab=50257, **MODELS[args.model])
     model = lens.HookedGPT(cfg)
     model.init_weights(seed=args.seed)
@@ -193,32 +216,34 @@ def main():
         step, tokens_seen, losses = int(state["step"]), int(state["tokens_seen"]), state["losses"].tolist()
         print(f"resuming at step {step}")
     # (name, steps, copied-sequence lengths (None: corpus), copy tasks anywhere in the context)
-    phases = [("copy, short", args.copy_steps, (10, 30), False),
-              ("copy, short, anywhere", args.copy_anywhere_steps, (10, 30), True),
-              ("copy, long", args.copy_long_steps, (10, 120), args.long_anywhere),
-              ("corpus", args.steps, None, False)]
-    ends = np.cumsum([n for _, n, _, _ in phases]).tolist()
+    phases = [("copy, short", args.copy_steps, (10, 30), False, args.copy_vocab),
+              ("copy, short, anywhere", args.copy_anywhere_steps, (10, 30), True, args.copy_vocab),
+              ("copy, long", args.copy_long_steps, (10, 120), args.long_anywhere, args.long_vocab),
+              ("corpus", args.steps, None, False, args.random_vocab)]
+    ends = np.cumsum([n for _, n, *_ in phases]).tolist()
     total = ends[-1]
     bos, n_ctx = Tokenizer.gpt2().eos_token_id, cfg.n_ctx
-    frequent_dev = frequent.sort().values.to(args.device)
     warmup = max(1, min(100, args.steps // 10))
     bar = tqdm(total=total, initial=step, desc=f"training {args.model}", unit="step")
     t0, start = time.time(), step
     while step < total:
         phase = next(i for i, end in enumerate(ends) if step < end)
-        name, n_steps, lengths, anywhere = phases[phase]
+        name, n_steps, lengths, anywhere, n_frequent = phases[phase]
+        frequent = by_count[:n_frequent]
         s_ = step - (ends[phase] - n_steps)  # steps into this phase
         if lengths:  # copy phases: a short warm-up, then a constant rate
             lr = args.lr * min(1.0, (s_ + 1) / 30)
             tokens = copy_batch(frequent, lengths, args.copy_tokens, n_ctx, bos, gen, args.alphabet or None,
                                 anywhere=anywhere)
-            vocab_now = frequent_dev
+            vocab_now = frequent.sort().values.to(args.device)
         else:  # corpus: warm-up, then cosine decay
             lr = args.lr * min(1.0, (s_ + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s_ / args.steps))
             tokens = batch(train, args.batch, n_ctx, gen, args.repeat_frac, args.random_frac, frequent)
             vocab_now = vocab_dev
         for g in opt.param_groups:
             g["lr"] = lr
+        if phase == 1 and s_ == 0 and args.fresh_pos:
+            fresh_positions(model, opt, args.fresh_pos, args.seed)
         tokens = tokens.to(args.device, non_blocking=True)
         loss = loss_fn(model, tokens, vocab_now)
         opt.zero_grad(set_to_none=True)
@@ -249,7 +274,7 @@ def main():
                                   for _ in range(10)]))
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     recipe["phases"] = [f"{name}: {n} steps" + (f", sequences of {lengths[0]}-{lengths[1]} tokens" if lengths else "")
-                        for name, n, lengths, _ in phases if n]
+                        for name, n, lengths, *_ in phases if n]
     model.cfg.metadata.update({
         "name": f"lens-tiny-{args.model}", "corpus": "Python standard library source (tests excluded)",
         "recipe": recipe, "tokens_seen": tokens_seen, "final_train_loss": float(np.mean(losses[-100:])),

@@ -212,12 +212,9 @@ def test_attribution_patching_script(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the bundled lens-tiny-attn2l shares induction across four heads, "
-                   "none at 0.4 (4 of 7 checks pass); see README, 'The bundled models'")
 def test_the_bundled_model_has_induction_heads(induction, tmp_path):
     """The paper's findings, at the thresholds the main job promises, on lens-tiny-attn2l with
-    the script's defaults (8 sequences of 100 random tokens repeated). Expected to fail until
-    the bundled weights have induction heads; strict, so that it reports when they do."""
+    the script's defaults (8 sequences of 100 random tokens repeated)."""
     res = induction.main(["--out", str(tmp_path)])
     ind, prev = torch.tensor(res["induction_scores"]), torch.tensor(res["previous_token_scores"])
     # the second repeat is predicted far better than the first

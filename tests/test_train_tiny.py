@@ -86,3 +86,23 @@ def test_copy_batch_anywhere_places_the_task_at_random_offsets(train_tiny):
             x = r[i:i + L]
             assert not torch.isin(r[1:max(1, i - L)], x).any() and not torch.isin(r[j + L:], x).any()
     assert min(firsts) < 60 and max(firsts) > 120  # the task sits anywhere in the context
+
+
+def test_fresh_positions_reinitialises_only_the_late_rows_and_their_optimiser_state(train_tiny):
+    import lens
+    model = lens.HookedGPT(lens.GPTConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=32,
+                                          d_vocab=50, attn_only=True))
+    model.init_weights(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randint(0, 50, (2, 32)), return_type="loss").backward()
+    opt.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_tiny.fresh_positions(model, opt, 20, seed=0)
+    W = model.pos_embed.W_pos
+    assert torch.equal(W[:20], before["pos_embed.W_pos"][:20])
+    assert not torch.isclose(W[20:], before["pos_embed.W_pos"][20:]).any()
+    assert abs(float(W[20:].std()) - 0.02) < 0.005  # the init's scale, not the trained one
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n != "pos_embed.W_pos")
+    state = opt.state[W]
+    assert (state["exp_avg"][20:] == 0).all() and (state["exp_avg_sq"][20:] == 0).all()
+    assert (state["exp_avg_sq"][:20] > 0).any()
