@@ -17,9 +17,9 @@ tokenised with GPT-2's BPE: real text, full of repeated identifiers. Training ru
      at positions below about 20, where the first copies sat. The rows after them were shaped
      by phase 1 for other jobs and hardly learn it later (at positions 26-75 the head still gave
      the previous token 0.1-0.2 after 3,000 steps of this phase, while untouched rows further on
-     reached 0.9). So the phase starts by
-     re-initialising W_pos from --fresh-pos (20) on. The previous-token head then forms at every
-     position, and the induction heads that read it follow.
+     reached 0.9). So the phase starts by re-initialising W_pos from --fresh-pos (20) on. The
+     previous-token head then forms at every position, and the induction heads that read it
+     follow.
   3. copy, long (--copy-long-steps): sequences of 10 to 120 tokens, also anywhere
      (--no-long-anywhere: from the start of the context), with alphabets drawn from the 2,000
      most frequent tokens (--long-vocab). A fixed alphabet of 20 would repeat each token about
@@ -194,11 +194,19 @@ def main():
     ap.add_argument("--cache-dir", type=Path, default=Path("runs/corpus"))
     ap.add_argument("--device", default="cpu", help="e.g. cuda; batches are drawn on the CPU either way")
     args = ap.parse_args()
+    n_ctx = MODELS[args.model]["n_ctx"]
+    if not 0 <= args.fresh_pos < n_ctx:
+        ap.error(f"--fresh-pos {args.fresh_pos}: must be a position in [0, {n_ctx}) (0: keep W_pos)")
 
     torch.manual_seed(args.seed)
     train, val = corpus_tokens(args.cache_dir)
     vocab = torch.from_numpy(np.unique(np.concatenate([train, val])).astype(np.int64))
-    by_count = torch.from_numpy(np.argsort(-np.bincount(train, minlength=50257)).astype(np.int64))
+    counts = np.bincount(train, minlength=50257)
+    by_count = torch.from_numpy(np.argsort(-counts).astype(np.int64))
+    for flag in ("copy_vocab", "long_vocab", "random_vocab"):
+        if not 1 <= getattr(args, flag) <= int((counts > 0).sum()):
+            ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be between 1 and the "
+                     f"{int((counts > 0).sum())} distinct tokens of the training corpus")
     cfg = lens.GPTConfig(d_vocab=50257, **MODELS[args.model])
     model = lens.HookedGPT(cfg)
     model.init_weights(seed=args.seed)

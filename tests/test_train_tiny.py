@@ -106,3 +106,12 @@ def test_fresh_positions_reinitialises_only_the_late_rows_and_their_optimiser_st
     state = opt.state[W]
     assert (state["exp_avg"][20:] == 0).all() and (state["exp_avg_sq"][20:] == 0).all()
     assert (state["exp_avg_sq"][:20] > 0).any()
+
+
+def test_fresh_pos_outside_the_context_is_refused_before_any_work(train_tiny, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("sys.argv", ["train_tiny.py", "--model", "attn2l", "--out", str(tmp_path / "run"),
+                                     "--fresh-pos", "256", "--cache-dir", str(tmp_path / "corpus")])
+    with pytest.raises(SystemExit):
+        train_tiny.main()
+    assert "--fresh-pos 256: must be a position in [0, 256)" in capsys.readouterr().err
+    assert not (tmp_path / "corpus").exists() and not (tmp_path / "run").exists()
