@@ -203,10 +203,11 @@ def main():
     vocab = torch.from_numpy(np.unique(np.concatenate([train, val])).astype(np.int64))
     counts = np.bincount(train, minlength=50257)
     by_count = torch.from_numpy(np.argsort(-counts).astype(np.int64))
+    n_distinct = int((counts > 0).sum())
     for flag in ("copy_vocab", "long_vocab", "random_vocab"):
-        if not 1 <= getattr(args, flag) <= int((counts > 0).sum()):
+        if not 1 <= getattr(args, flag) <= n_distinct:
             ap.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be between 1 and the "
-                     f"{int((counts > 0).sum())} distinct tokens of the training corpus")
+                     f"{n_distinct} distinct tokens of the training corpus")
     cfg = lens.GPTConfig(d_vocab=50257, **MODELS[args.model])
     model = lens.HookedGPT(cfg)
     model.init_weights(seed=args.seed)
@@ -223,27 +224,30 @@ def main():
         gen.set_state(state["gen"].cpu())
         step, tokens_seen, losses = int(state["step"]), int(state["tokens_seen"]), state["losses"].tolist()
         print(f"resuming at step {step}")
-    # (name, steps, copied-sequence lengths (None: corpus), copy tasks anywhere in the context)
+    # (name, steps, copied-sequence lengths (None: corpus), copy tasks anywhere in the context,
+    #  how many of the most frequent tokens the copies / random spans draw from)
     phases = [("copy, short", args.copy_steps, (10, 30), False, args.copy_vocab),
               ("copy, short, anywhere", args.copy_anywhere_steps, (10, 30), True, args.copy_vocab),
               ("copy, long", args.copy_long_steps, (10, 120), args.long_anywhere, args.long_vocab),
               ("corpus", args.steps, None, False, args.random_vocab)]
     ends = np.cumsum([n for _, n, *_ in phases]).tolist()
     total = ends[-1]
-    bos, n_ctx = Tokenizer.gpt2().eos_token_id, cfg.n_ctx
+    pools = [by_count[:n_frequent] for *_, n_frequent in phases]
+    pools_sorted = [pool.sort().values.to(args.device) for pool in pools]  # the copy phases' softmax
+    bos = Tokenizer.gpt2().eos_token_id
     warmup = max(1, min(100, args.steps // 10))
     bar = tqdm(total=total, initial=step, desc=f"training {args.model}", unit="step")
     t0, start = time.time(), step
     while step < total:
         phase = next(i for i, end in enumerate(ends) if step < end)
-        name, n_steps, lengths, anywhere, n_frequent = phases[phase]
-        frequent = by_count[:n_frequent]
+        name, n_steps, lengths, anywhere, _ = phases[phase]
+        frequent = pools[phase]
         s_ = step - (ends[phase] - n_steps)  # steps into this phase
         if lengths:  # copy phases: a short warm-up, then a constant rate
             lr = args.lr * min(1.0, (s_ + 1) / 30)
             tokens = copy_batch(frequent, lengths, args.copy_tokens, n_ctx, bos, gen, args.alphabet or None,
                                 anywhere=anywhere)
-            vocab_now = frequent.sort().values.to(args.device)
+            vocab_now = pools_sorted[phase]
         else:  # corpus: warm-up, then cosine decay
             lr = args.lr * min(1.0, (s_ + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s_ / args.steps))
             tokens = batch(train, args.batch, n_ctx, gen, args.repeat_frac, args.random_frac, frequent)
