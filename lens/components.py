@@ -1,17 +1,20 @@
-"""The parts of a block, in the order data flows: LayerNorm, attention, MLP, block.
+"""The parts of a block, in the order data flows: norm, rotary positions, attention, MLP, block.
 
 Weights right-multiply (``x @ W``) and carry the paper's per-head shapes: ``W_Q[n_heads,
-d_model, d_head]``, ``W_O[n_heads, d_head, d_model]``, ``W_in[d_model, d_mlp]``. In
-memory each matrix is [out, in], as torch.nn.Linear keeps it, so the fused path reads it
-without a copy. Expensive hook points are computed only when someone hooks them."""
+d_model, d_head]``, ``W_K[n_kv_heads, d_model, d_head]``, ``W_O[n_heads, d_head, d_model]``,
+``W_in[d_model, d_mlp]``. In memory each matrix is [out, in], as torch.nn.Linear keeps it, so
+the fused path reads it without a copy. Parts a spec does not ask for are not built; expensive
+hook points are computed only when someone hooks them. Per-call facts (positions, masks,
+rotary angles) arrive in a `Run`, never through state on the model."""
 
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from lens.config import GPTConfig
@@ -38,6 +41,11 @@ def weight(shape: tuple[int, ...], memory_order: tuple[int, ...], dtype) -> nn.P
     return nn.Parameter(memory.permute(*inverse))
 
 
+def _bias(built: bool, size, dtype) -> Optional[nn.Parameter]:
+    return nn.Parameter(torch.zeros(size, dtype=dtype)) if built else None
+
+
+# ---------------------------------------------------------------------- per-call facts
 def _causal(n_q: int, n_k: int, device) -> Tensor:
     """[n_q, n_k] causal mask for queries that are the last n_q of n_k positions."""
     return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
@@ -56,9 +64,166 @@ def padding_mask(attention_mask: Tensor, past: int = 0) -> tuple[Tensor, Tensor]
     return positions, mask
 
 
+@dataclass
+class Run:
+    """What one forward pass passes down to every block: the absolute positions of the pos
+    axis [batch, pos], the padding mask [batch, 1, query_pos, key_pos] (None when every token
+    is real), the rotary angles (cos, sin) [batch, pos, rotary_dim] on rotary models. Masks for
+    sliding windows are derived once per call and kept here."""
+
+    positions: Int[Tensor, "batch pos"]
+    mask: Optional[Tensor] = None
+    rope: Optional[tuple[Tensor, Tensor]] = None
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def mask_for(self, n_q: int, n_k: int, window: Optional[int], device) -> Optional[Tensor]:
+        """The boolean mask of queries (the last n_q of n_k positions) over keys, or None for
+        plain causal attention starting at the first key (what SDPA's is_causal does)."""
+        if window is None and (self.mask is not None or n_q in (1, n_k)):
+            return self.mask
+        key = (n_q, n_k, window)
+        if key not in self._masks:
+            allowed = _causal(n_q, n_k, device)
+            if window is not None:  # each query sees itself and the window - 1 keys before it
+                q = torch.arange(n_k - n_q, n_k, device=device)[:, None]
+                allowed &= torch.arange(n_k, device=device) > q - window
+            self._masks[key] = allowed if self.mask is None else self.mask & allowed
+        return self._masks[key]
+
+
+# ---------------------------------------------------------------------- norms
+class Norm(nn.Module):
+    """LayerNorm (kind "LN") or RMSNorm ("RMS") over the last axis, with its weight (and, for
+    LayerNorm, bias) or without them (what folding leaves behind).
+
+    hook_scale is the per-position scale (standard deviation, or root mean square for RMSNorm)
+    and hook_normalized the (centred) input divided by it, before the weight and bias, as in
+    TransformerLens. Hooking either computes the norm by hand; otherwise one fused kernel runs.
+    """
+
+    def __init__(self, kind: str, length: int, eps: float, affine: bool, dtype):
+        super().__init__()
+        self.kind, self.eps, self.length = kind, eps, length
+        self.w = nn.Parameter(torch.ones(length, dtype=dtype)) if affine else None
+        self.b = nn.Parameter(torch.zeros(length, dtype=dtype)) if affine and kind == "LN" else None
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    @property
+    def centres(self) -> bool:
+        return self.kind == "LN"
+
+    def forward(self, x: Float[Tensor, "batch pos *heads d"]) -> Float[Tensor, "batch pos *heads d"]:
+        if self.hook_scale.active or self.hook_normalized.active:
+            return self.by_hand(x)
+        if self.kind == "LN":
+            return F.layer_norm(x, (self.length,), self.w, self.b, self.eps)
+        if x.dtype in _HALF:  # as HF: normalise in float32, cast, then weigh
+            out = F.rms_norm(x.float(), (self.length,), None, self.eps).to(x.dtype)
+            return out if self.w is None else out * self.w
+        return F.rms_norm(x, (self.length,), self.w, self.eps)
+
+    def scale_of(self, x: Tensor) -> Tensor:
+        """The scale of each position's (centred) vector, in float32 under half precision."""
+        if self.centres:
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+    def by_hand(self, x: Tensor, hooked: bool = True) -> Tensor:
+        """The same norm step by step, in float32 under half precision, running the hooks."""
+        dtype = x.dtype
+        if dtype in _HALF:
+            x = x.float()
+        if self.centres:
+            x = x - x.mean(-1, keepdim=True)
+        scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        if hooked:
+            scale = self.hook_scale.run(scale)
+        x = x / scale
+        if hooked:
+            x = self.hook_normalized.run(x)
+        if self.kind == "RMS":
+            x = x.to(dtype)
+        if self.w is not None:
+            x = x * self.w
+        if self.b is not None:
+            x = x + self.b
+        return x.to(dtype)
+
+    def frozen(self, x: Float[Tensor, "... d"], scale: Tensor) -> Float[Tensor, "... d"]:
+        """The norm as a linear map, with the scale frozen (from a cache): centre (LayerNorm),
+        divide by `scale`, multiply by the weight. The bias belongs to no component and is left
+        out, so applied to the parts of a stream it sums to norm(stream) - b."""
+        if self.centres:
+            x = x - x.mean(-1, keepdim=True)
+        x = x / scale.to(x.device)
+        return x if self.w is None else x * self.w.to(x.device, x.dtype)
+
+
+LayerNorm = Norm  # the name lens used when LayerNorm was the only norm
+
+
+def make_norm(cfg: GPTConfig, length: Optional[int] = None) -> Optional[Norm]:
+    if cfg.normalization is None:
+        return None
+    return Norm(cfg.norm_kind, length or cfg.d_model, cfg.eps,
+                affine=not cfg.normalization.endswith("Pre"), dtype=cfg.dtype)
+
+
+# ---------------------------------------------------------------------- rotary positions
+def rotary_frequencies(cfg: GPTConfig) -> Float[Tensor, " half_rotary_dim"]:
+    """Inverse frequencies base^(-2i/rotary_dim), with the spec's rope_scaling applied."""
+    r = cfg.rotary_dim
+    inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s["type"] == "linear":
+        return inv / s["factor"]
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between
+    old = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / s["low_freq_factor"], old / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s["factor"], inv)
+    smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    blended = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class Rotary:
+    """Rotary angles for the positions of a call; applied to the first rotary_dim dims of each
+    query and key head, the two halves of those dims rotated as pairs (GPT-NeoX's layout, which
+    Llama's HF checkpoints use too). Kept out of the state dict and of dtype casts."""
+
+    def __init__(self, cfg: GPTConfig):
+        self.inv_freq = rotary_frequencies(cfg)
+        self._on: dict = {}
+
+    def angles(self, positions: Int[Tensor, "batch pos"], dtype) -> tuple[Tensor, Tensor]:
+        dev = positions.device
+        if dev not in self._on:
+            self._on[dev] = self.inv_freq.to(dev)
+        freqs = positions[..., None].float() * self._on[dev]
+        emb = torch.cat([freqs, freqs], -1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Float[Tensor, "batch pos heads d_head"], cos: Tensor, sin: Tensor
+                 ) -> Float[Tensor, "batch pos heads d_head"]:
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    half = r // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], -1)
+    rot = rot * cos[:, :, None] + rotated * sin[:, :, None]
+    return torch.cat([rot, rest], -1) if rest.shape[-1] else rot
+
+
+# ---------------------------------------------------------------------- attention
 class KVCacheEntry:
-    """One block's keys and values so far, [batch, key_pos, n_heads, d_head], as hook_k and
-    hook_v returned them; new queries attend to these and to the new keys."""
+    """One block's keys and values so far, [batch, key_pos, n_kv_heads, d_head], as the hooks
+    (hook_rot_k on rotary models, else hook_k; hook_v) returned them; new queries attend to
+    these and to the new keys."""
 
     def __init__(self):
         self.k: Optional[Tensor] = None
@@ -67,114 +232,98 @@ class KVCacheEntry:
     def __len__(self) -> int:
         return 0 if self.k is None else self.k.shape[1]
 
-    def append(self, k: Float[Tensor, "batch pos n_heads d_head"], v: Float[Tensor, "batch pos n_heads d_head"]
-               ) -> tuple[Float[Tensor, "batch key_pos n_heads d_head"], Float[Tensor, "batch key_pos n_heads d_head"]]:
+    def append(self, k: Float[Tensor, "batch pos n_kv_heads d_head"], v: Float[Tensor, "batch pos n_kv_heads d_head"]
+               ) -> tuple[Float[Tensor, "batch key_pos n_kv_heads d_head"], Float[Tensor, "batch key_pos n_kv_heads d_head"]]:
         if self.k is not None:
             k, v = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
         self.k, self.v = k, v
         return k, v
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm ("LN") or its weightless form ("LNPre", what folding leaves behind).
-
-    hook_scale is the per-position standard deviation, hook_normalized the centred stream
-    divided by it (before the weight and bias, as in TransformerLens). Hooking either computes
-    the norm by hand; otherwise one fused kernel runs.
-    """
-
-    def __init__(self, cfg: GPTConfig, affine: bool):
-        super().__init__()
-        self.eps, self.d_model = cfg.eps, cfg.d_model
-        if affine:
-            self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
-            self.b = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
-        else:
-            self.w = self.b = None
-        self.hook_scale = HookPoint()
-        self.hook_normalized = HookPoint()
-
-    def forward(self, x: Float[Tensor, "batch pos *heads d_model"]) -> Float[Tensor, "batch pos *heads d_model"]:
-        if self.hook_scale.active or self.hook_normalized.active:
-            return self.by_hand(x)
-        return F.layer_norm(x, (self.d_model,), self.w, self.b, self.eps)
-
-    def by_hand(self, x: Tensor, hooked: bool = True) -> Tensor:
-        """The same norm step by step, in float32 under half precision, running the hooks."""
-        dtype = x.dtype
-        if dtype in _HALF:
-            x = x.float()
-        x = x - x.mean(-1, keepdim=True)
-        scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        if hooked:
-            scale = self.hook_scale.run(scale)
-        x = x / scale
-        if hooked:
-            x = self.hook_normalized.run(x)
-        if self.w is not None:
-            x = x * self.w + self.b
-        return x.to(dtype)
-
-
 class Attention(nn.Module):
     """Multi-head causal self-attention; each head reads the stream and writes back through W_O.
+    Under grouped-query attention query head h reads key/value head h // (n_heads / n_kv_heads).
 
     With no hook on hook_attn_scores/hook_pattern it runs scaled_dot_product_attention; with one
     it materialises the pattern. hook_result (per-head writes) is computed only when hooked.
     """
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, window: Optional[int] = None):
         super().__init__()
-        h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
-        self.cfg = cfg
+        h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
+        self.n_heads, self.n_kv_heads, self.d_head, self.d_model = h, kv, e, d
+        self.window = window
         self.W_Q = weight((h, d, e), (0, 2, 1), cfg.dtype)
-        self.W_K = weight((h, d, e), (0, 2, 1), cfg.dtype)
-        self.W_V = weight((h, d, e), (0, 2, 1), cfg.dtype)
+        self.W_K = weight((kv, d, e), (0, 2, 1), cfg.dtype)
+        self.W_V = weight((kv, d, e), (0, 2, 1), cfg.dtype)
         self.W_O = weight((h, e, d), (2, 0, 1), cfg.dtype)
-        self.b_Q = nn.Parameter(torch.zeros(h, e, dtype=cfg.dtype))
-        self.b_K = nn.Parameter(torch.zeros(h, e, dtype=cfg.dtype))
-        self.b_V = nn.Parameter(torch.zeros(h, e, dtype=cfg.dtype))
-        self.b_O = nn.Parameter(torch.zeros(d, dtype=cfg.dtype))
-        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
+        self.b_Q = _bias(cfg.attn_bias, (h, e), cfg.dtype)
+        self.b_K = _bias(cfg.attn_bias, (kv, e), cfg.dtype)
+        self.b_V = _bias(cfg.attn_bias, (kv, e), cfg.dtype)
+        self.b_O = _bias(cfg.attn_out_bias, d, cfg.dtype)
+        if cfg.qk_norm == "head":
+            self.q_norm = Norm("RMS", e, cfg.eps, affine=True, dtype=cfg.dtype)
+            self.k_norm = Norm("RMS", e, cfg.eps, affine=True, dtype=cfg.dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary = cfg.rotary_dim > 0
+        names = ["q", "k", "v"] + (["rot_q", "rot_k"] if self.rotary else [])
+        for name in names + ["attn_scores", "pattern", "z", "result"]:
             setattr(self, f"hook_{name}", HookPoint())
 
-    def project(self, x: Tensor, W: Tensor, b: Tensor) -> Float[Tensor, "batch pos n_heads d_head"]:
+    @property
+    def groups(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def project(self, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Float[Tensor, "batch pos heads d_head"]:
         """x @ W + b per head; x is the shared stream [b, p, d] or per-head reads [b, p, h, d]."""
         if x.ndim == 4:
-            return torch.einsum("bphd,hde->bphe", x, W) + b
+            out = torch.einsum("bphd,hde->bphe", x, W)
+            return out if b is None else out + b
         flat = W.transpose(1, 2).reshape(-1, W.shape[1])  # [h*e, d]: a view of the memory
-        out = F.linear(x, flat, b.reshape(-1))
-        return out.view(*x.shape[:2], *b.shape)
+        out = F.linear(x, flat, None if b is None else b.reshape(-1))
+        return out.view(*x.shape[:2], W.shape[0], W.shape[2])
 
-    def forward(self, q_in: Tensor, k_in: Tensor, v_in: Tensor, mask: Optional[Tensor] = None,
+    def forward(self, q_in: Tensor, k_in: Tensor, v_in: Tensor, run: Run,
                 past_kv: Optional[KVCacheEntry] = None) -> Float[Tensor, "batch pos d_model"]:
         """With `past_kv`, the new keys and values join the cached ones and the queries (the
-        last positions) attend to all of them; `mask` is then [batch, 1, query_pos, key_pos]."""
+        last positions) attend to all of them."""
         q = self.hook_q.run(self.project(q_in, self.W_Q, self.b_Q))
         k = self.hook_k.run(self.project(k_in, self.W_K, self.b_K))
         v = self.hook_v.run(self.project(v_in, self.W_V, self.b_V))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary:
+            cos, sin = run.rope
+            q = self.hook_rot_q.run(apply_rotary(q, cos, sin))
+            k = self.hook_rot_k.run(apply_rotary(k, cos, sin))
         if past_kv is not None:
             k, v = past_kv.append(k, v)
-            n_q, n_k = q.shape[1], k.shape[1]
-            if mask is None and 1 < n_q < n_k:  # SDPA's is_causal aligns to the first key
-                mask = _causal(n_q, n_k, q.device)
-        scale = 1.0 / math.sqrt(self.cfg.d_head)
+        mask = run.mask_for(q.shape[1], k.shape[1], self.window, q.device)
+        scale = 1.0 / math.sqrt(self.d_head)
         if self.hook_attn_scores.active or self.hook_pattern.active:
             z = self.materialised(q, k, v, mask, scale)
         else:
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                 attn_mask=mask, is_causal=mask is None and q.shape[1] > 1, scale=scale,
+                enable_gqa=self.groups > 1,
             ).transpose(1, 2)
         z = self.hook_z.run(z)
         if self.hook_result.active:
             result = self.hook_result.run(torch.einsum("bphe,hed->bphd", z, self.W_O))
-            return result.sum(2) + self.b_O
-        W_O = self.W_O.permute(2, 0, 1).reshape(self.cfg.d_model, -1)  # [d, h*e]: a view
+            out = result.sum(2)
+            return out if self.b_O is None else out + self.b_O
+        W_O = self.W_O.permute(2, 0, 1).reshape(self.d_model, -1)  # [d, h*e]: a view
         return F.linear(z.reshape(*z.shape[:2], -1), W_O, self.b_O)
+
+    def per_query_head(self, t: Tensor, axis: int) -> Tensor:
+        """Key/value heads repeated along `axis` so that there is one per query head."""
+        return t if self.groups == 1 else t.repeat_interleave(self.groups, dim=axis)
 
     def materialised(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                      scale: float) -> Float[Tensor, "batch query_pos n_heads d_head"]:
+        k, v = self.per_query_head(k, 2), self.per_query_head(v, 2)
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * scale
         if mask is None:
             mask = _causal(*scores.shape[-2:], q.device)
@@ -184,72 +333,96 @@ class Attention(nn.Module):
         return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
 
 
+# ---------------------------------------------------------------------- MLP
 class MLP(nn.Module):
-    """act(x W_in + b_in) W_out + b_out; hook_pre and hook_post are the neurons."""
+    """act(x W_in + b_in) W_out + b_out; or gated: (act(x W_gate + b_gate) * (x W_in + b_in))
+    W_out + b_out. hook_pre (the gate's pre-activation when gated), hook_pre_linear (the up projection
+    of a gated MLP) and hook_post are the neurons."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.W_in = weight((cfg.d_model, cfg.d_mlp), (1, 0), cfg.dtype)
-        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp, dtype=cfg.dtype))
-        self.W_out = weight((cfg.d_mlp, cfg.d_model), (1, 0), cfg.dtype)
-        self.b_out = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        d, m = cfg.d_model, cfg.d_mlp
+        self.gated = cfg.gated_mlp
+        self.W_in = weight((d, m), (1, 0), cfg.dtype)
+        self.b_in = _bias(cfg.mlp_bias, m, cfg.dtype)
+        self.W_gate = weight((d, m), (1, 0), cfg.dtype) if self.gated else None
+        self.b_gate = _bias(cfg.mlp_bias and self.gated, m, cfg.dtype)
+        self.W_out = weight((m, d), (1, 0), cfg.dtype)
+        self.b_out = _bias(cfg.mlp_bias, d, cfg.dtype)
         self.act = _ACT[cfg.act_fn]
         self.hook_pre = HookPoint()
+        if self.gated:
+            self.hook_pre_linear = HookPoint()
         self.hook_post = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre.run(F.linear(x, self.W_in.T, self.b_in))
-        post = self.hook_post.run(self.act(pre))
+        if self.gated:
+            pre = self.hook_pre.run(F.linear(x, self.W_gate.T, self.b_gate))
+            linear = self.hook_pre_linear.run(F.linear(x, self.W_in.T, self.b_in))
+            post = self.hook_post.run(self.act(pre) * linear)
+        else:
+            pre = self.hook_pre.run(F.linear(x, self.W_in.T, self.b_in))
+            post = self.hook_post.run(self.act(pre))
         return F.linear(post, self.W_out.T, self.b_out)
 
 
-def _norm(cfg: GPTConfig) -> Optional[LayerNorm]:
-    return None if cfg.normalization is None else LayerNorm(cfg, affine=cfg.normalization == "LN")
-
-
+# ---------------------------------------------------------------------- block
 class Block(nn.Module):
-    """x += attn(ln1(x)); x += mlp(ln2(x)). Attention-only blocks skip the second half."""
+    """Sequential: x += attn(ln1(x)); x += mlp(ln2(x)). Parallel (parallel_attn_mlp): x +=
+    attn(ln1(x)) + mlp(ln2(x)), both reading the block's input. Attention-only blocks have no
+    second half; parallel ones no hook_resid_mid."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
-        self.cfg = cfg
-        self.ln1 = _norm(cfg)
-        self.attn = Attention(cfg)
+        self.layer = layer
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.parallel = cfg.parallel_attn_mlp and cfg.has_mlp
+        self.ln1 = make_norm(cfg)
+        self.attn = Attention(cfg, cfg.window_of(layer))
         self.hook_resid_pre = HookPoint()
         self.hook_q_input = HookPoint()
         self.hook_k_input = HookPoint()
         self.hook_v_input = HookPoint()
         self.hook_attn_out = HookPoint()
-        if not cfg.attn_only:
-            self.ln2 = _norm(cfg)
+        self.has_mlp = cfg.has_mlp
+        if self.has_mlp:
+            self.ln2 = make_norm(cfg)
             self.mlp = MLP(cfg)
-            self.hook_resid_mid = HookPoint()
+            if not self.parallel:
+                self.hook_resid_mid = HookPoint()
             self.hook_mlp_in = HookPoint()
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
     def attn_inputs(self, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """ln1 of the stream; per-head copies of it where q/k/v_input are hooked."""
+        """ln1 of the stream; per-head copies of it where q/k/v_input are hooked (one per
+        key/value head for k and v)."""
         ln = self.ln1
         normed = resid if ln is None else ln(resid)
         out = []
-        for hp in (self.hook_q_input, self.hook_k_input, self.hook_v_input):
+        for hp, h in ((self.hook_q_input, self.n_heads), (self.hook_k_input, self.n_kv_heads),
+                      (self.hook_v_input, self.n_kv_heads)):
             if not hp.active:
                 out.append(normed)
                 continue
-            per_head = einops.repeat(resid, "b p d -> b p h d", h=self.cfg.n_heads).clone()
+            per_head = einops.repeat(resid, "b p d -> b p h d", h=h).clone()
             per_head = hp.run(per_head)  # a copy: hooks may edit one head in place
             out.append(per_head if ln is None else ln.by_hand(per_head, hooked=False))
         return out[0], out[1], out[2]
 
-    def forward(self, resid: Float[Tensor, "batch pos d_model"], mask: Optional[Tensor] = None,
+    def forward(self, resid: Float[Tensor, "batch pos d_model"], run: Run,
                 past_kv: Optional[KVCacheEntry] = None) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_resid_pre.run(resid)
-        attn_out = self.attn(*self.attn_inputs(resid), mask=mask, past_kv=past_kv)
+        attn_out = self.attn(*self.attn_inputs(resid), run=run, past_kv=past_kv)
         attn_out = self.hook_attn_out.run(attn_out)
-        if self.cfg.attn_only:
+        if not self.has_mlp:
             return self.hook_resid_post.run(resid + attn_out)
-        resid = self.hook_resid_mid.run(resid + attn_out)
-        mlp_in = self.hook_mlp_in.run(resid)
-        mlp_out = self.mlp(mlp_in if self.ln2 is None else self.ln2(mlp_in))
-        return self.hook_resid_post.run(resid + self.hook_mlp_out.run(mlp_out))
+        if self.parallel:
+            mlp_in = self.hook_mlp_in.run(resid)
+        else:
+            resid = self.hook_resid_mid.run(resid + attn_out)
+            mlp_in = self.hook_mlp_in.run(resid)
+        mlp_out = self.hook_mlp_out.run(self.mlp(mlp_in if self.ln2 is None else self.ln2(mlp_in)))
+        if self.parallel:
+            return self.hook_resid_post.run(resid + attn_out + mlp_out)
+        return self.hook_resid_post.run(resid + mlp_out)

@@ -1,27 +1,46 @@
-"""The model's shape: a small validated dataclass whose field names are the axis names used
-everywhere else (`d_model`, `n_heads`, `d_head`, ...)."""
+"""The model as a spec: a small validated dataclass of build-time choices. Its shape fields are
+the axis names used everywhere else (`d_model`, `n_heads`, `d_head`, ...); its other fields
+decide which parts are built. The forward pass never reads a family name."""
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 
 ACT_FNS = ("gelu", "gelu_new", "relu", "silu")
-NORMALIZATIONS = ("LN", "LNPre", None)
+NORMALIZATIONS = ("LN", "LNPre", "RMS", "RMSPre", None)
+QK_NORMS = (None, "head")
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings")}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 
 
 @dataclass
 class GPTConfig:
-    """Shape and variant of a HookedGPT.
+    """Shape and build-time choices of a HookedGPT. The defaults describe GPT-2.
 
-    normalization: "LN" (LayerNorm with weight and bias), "LNPre" (centre and scale only, what
-    remains after the weights are folded into the next layer), or None (no normalization).
-    attn_only: blocks have no MLP (the paper's attention-only transformers).
-    d_head defaults to d_model // n_heads and d_mlp to 4 * d_model.
+    Shape: n_layers, d_model, n_heads, d_head (default d_model // n_heads), n_kv_heads (keys and
+    values shared by groups of query heads; default n_heads), d_mlp (default 4 * d_model),
+    d_vocab, n_ctx.
+
+    Norm (before each sublayer and at the end): normalization "LN" (LayerNorm with weight and
+    bias), "RMS" (RMSNorm with weight), their weightless forms "LNPre" / "RMSPre" (what folding
+    the weights into the next layer leaves), or None. eps is the norms' epsilon.
+    Positions: positional_embedding (a learned W_pos added to the stream) or rotary_dim > 0
+    (rotary embeddings on the first rotary_dim dims of each query and key head, frequencies
+    rotary_base^(-2i/rotary_dim), rope_scaling {"type": "linear" | "llama3", ...}), or neither.
+    Attention: attn_bias (b_Q, b_K, b_V), attn_out_bias (b_O), qk_norm "head" (an RMSNorm over
+    each head's query and key, before rotary), window (keys more than window - 1 positions back
+    are masked) on windowed_layers (default every layer).
+    MLP: none when attn_only, else act(x W_in + b_in) W_out + b_out, or gated_mlp:
+    (act(x W_gate) * (x W_in)) W_out; mlp_bias says whether b_in, b_out exist.
+    Block: parallel_attn_mlp (attention and MLP both read the block's input, as in GPT-NeoX).
+    Unembedding: tied_embeddings (W_U is W_Eᵀ, one tensor), b_U always exists (zero when the
+    checkpoint has none).
     """
 
     n_layers: int
@@ -39,6 +58,19 @@ class GPTConfig:
     positional_embedding: bool = True
     tokenizer_name: Optional[str] = "gpt2"
     metadata: dict = field(default_factory=dict)
+    n_kv_heads: Optional[int] = None
+    rotary_dim: int = 0
+    rotary_base: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    attn_bias: bool = True
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    gated_mlp: bool = False
+    parallel_attn_mlp: bool = False
+    qk_norm: Optional[str] = None
+    window: Optional[int] = None
+    windowed_layers: Optional[tuple] = None
+    tied_embeddings: bool = False
 
     def __post_init__(self):
         if isinstance(self.dtype, str):
@@ -49,8 +81,12 @@ class GPTConfig:
             self.d_head = self.d_model // self.n_heads
         if self.d_mlp is None and not self.attn_only:
             self.d_mlp = 4 * self.d_model
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.windowed_layers is not None:
+            self.windowed_layers = tuple(self.windowed_layers)
         problems = []
-        for name in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx"):
+        for name in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx", "n_kv_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name}={value!r} must be a positive int")
@@ -59,26 +95,82 @@ class GPTConfig:
                             f"n_heads={self.n_heads}; give d_head explicitly")
         elif not isinstance(self.d_head, int) or self.d_head < 1:
             problems.append(f"d_head={self.d_head!r} must be a positive int")
+        if isinstance(self.n_kv_heads, int) and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if not self.attn_only and (not isinstance(self.d_mlp, int) or self.d_mlp < 1):
             problems.append(f"d_mlp={self.d_mlp!r} must be a positive int when attn_only=False")
         if self.act_fn not in ACT_FNS:
             problems.append(f"act_fn={self.act_fn!r} is not one of {ACT_FNS}")
         if self.normalization not in NORMALIZATIONS:
             problems.append(f"normalization={self.normalization!r} is not one of {NORMALIZATIONS}")
+        if self.qk_norm not in QK_NORMS:
+            problems.append(f"qk_norm={self.qk_norm!r} is not one of {QK_NORMS}")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0):
             problems.append(f"eps={self.eps!r} must be a positive float")
         if self.dtype not in _DTYPES.values():
             problems.append(f"dtype={self.dtype!r} is not one of {sorted(_DTYPES)}")
+        problems += self._position_problems()
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            problems.append(f"window={self.window!r} must be a positive int or None")
+        if self.windowed_layers is not None and not all(
+                isinstance(l, int) and 0 <= l < self.n_layers for l in self.windowed_layers):
+            problems.append(f"windowed_layers={self.windowed_layers!r} must list layers in "
+                            f"[0, n_layers={self.n_layers})")
         if problems:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
 
+    def _position_problems(self) -> list[str]:
+        problems = []
+        if not isinstance(self.rotary_dim, int) or self.rotary_dim < 0 or self.rotary_dim % 2:
+            return [f"rotary_dim={self.rotary_dim!r} must be an even int >= 0"]
+        if self.rotary_dim and isinstance(self.d_head, int) and self.rotary_dim > self.d_head:
+            problems.append(f"rotary_dim={self.rotary_dim} exceeds d_head={self.d_head}")
+        if self.rotary_dim and self.positional_embedding:
+            problems.append("rotary_dim > 0 and positional_embedding=True: a model has learned "
+                            "or rotary positions, not both")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type") if isinstance(self.rope_scaling, dict) else None
+            if kind not in ROPE_SCALINGS:
+                problems.append(f"rope_scaling={self.rope_scaling!r}: type must be one of "
+                                f"{sorted(ROPE_SCALINGS)}")
+            else:
+                missing = [k for k in ROPE_SCALINGS[kind] if k not in self.rope_scaling]
+                extra = sorted(set(self.rope_scaling) - {"type", *ROPE_SCALINGS[kind]})
+                if missing or extra:
+                    problems.append(f"rope_scaling of type {kind!r} needs exactly "
+                                    f"{list(ROPE_SCALINGS[kind])}; missing {missing}, unknown {extra}")
+        return problems
+
+    # ------------------------------------------------------------------ derived facts
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
+    @property
+    def norm_kind(self) -> Optional[str]:
+        """"LN", "RMS" or None: what the norms compute, whether or not they keep weights."""
+        return None if self.normalization is None else self.normalization.removesuffix("Pre")
+
+    @property
+    def has_mlp(self) -> bool:
+        return not self.attn_only
+
+    @property
+    def has_resid_mid(self) -> bool:
+        return not self.attn_only and not self.parallel_attn_mlp
+
+    def window_of(self, layer: int) -> Optional[int]:
+        """The sliding window of `layer`'s attention, or None for full causal attention."""
+        if self.window is None or (self.windowed_layers is not None and layer not in self.windowed_layers):
+            return None
+        return self.window
+
+    # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["dtype"] = self.dtype_name
+        if d["windowed_layers"] is not None:
+            d["windowed_layers"] = list(d["windowed_layers"])
         return d
 
     @classmethod

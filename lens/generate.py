@@ -127,14 +127,12 @@ def _eos_ids(model, stop_at_eos: bool, eos_token_id) -> list[int]:
 def _next_token_logits(model, tokens: Int[Tensor, "batch pos"], mask: Optional[Tensor],
                        cache: Optional[KVCache], rows: Tensor, at: Tensor
                        ) -> Float[Tensor, "batch d_vocab"]:
-    """Logits at position `at` of each row: the blocks run on every token, the final norm and
-    the unembedding (and their hooks, hook.positions saying where) on that position only."""
+    """Logits at position `at` of each row: the blocks run on every token, the model's final
+    stage (norm, unembedding and their hooks, hook.positions saying where) on that position only."""
     resid = model(tokens, attention_mask=mask, past_kv=cache, stop_at_layer=model.cfg.n_layers)
-    resid = resid[rows, at][:, None]
-    model.ctx.positions = model.ctx.positions[rows, at][:, None]
-    if model.cfg.normalization is not None:
-        resid = model.ln_final(resid)
-    return model.hook_logits.run(model.unembed(resid))[:, 0]
+    index = (len(cache) if cache is not None else tokens.shape[1]) - tokens.shape[1] + at
+    position = index if mask is None else (mask.long().cumsum(-1)[rows, index] - 1).clamp(min=0)
+    return model.unembed_stage(resid[rows, at][:, None], position[:, None])[:, 0]
 
 
 def _steps(model, tokens: Int[Tensor, "batch pos"], am: Optional[Tensor], max_new_tokens: int,

@@ -2,6 +2,7 @@
 stream. A hook point that nobody hooks costs one truthiness check; a hooked one runs its
 functions in order, checks what they return, and can watch the gradient flowing back."""
 
+import contextvars
 import difflib
 import re
 from contextlib import contextmanager
@@ -14,6 +15,10 @@ from torch import Tensor, nn
 HookFn = Callable[..., Optional[Tensor]]
 NamesFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
+# The absolute positions of the forward pass running in this thread (or task): set for the
+# length of a call by the model, so a forward run inside a hook, or in another thread, keeps
+# its own.
+POSITIONS: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar("positions", default=None)
 
 
 class HookPoint(nn.Module):
@@ -30,7 +35,6 @@ class HookPoint(nn.Module):
         self.name: str = ""
         self.fwd_hooks: list[HookFn] = []
         self.bwd_hooks: list[HookFn] = []
-        self.ctx = None  # the owning model's ForwardContext, set by the model
 
     @property
     def active(self) -> bool:
@@ -42,7 +46,8 @@ class HookPoint(nn.Module):
 
     @property
     def positions(self) -> Optional[Tensor]:
-        return None if self.ctx is None else self.ctx.positions
+        """[batch, pos] absolute positions of the activation's pos axis in the running call."""
+        return POSITIONS.get()
 
     def run(self, x: Tensor) -> Tensor:
         for fn in self.fwd_hooks:
@@ -100,11 +105,11 @@ class Hookable:
 
     hook_dict: dict[str, HookPoint]
 
-    def setup_hooks(self, ctx) -> None:
+    def setup_hooks(self) -> None:
         self.hook_dict = {}
         for name, module in self.named_modules():
             if isinstance(module, HookPoint):
-                module.name, module.ctx = name, ctx
+                module.name = name
                 self.hook_dict[name] = module
         self._handles: list[HookHandle] = []
 

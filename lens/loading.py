@@ -9,24 +9,21 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Optional, Union
 
-import einops
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lens import families
 from lens.config import GPTConfig
+from lens.families import gpt2
 from lens.model import HookedGPT
 from lens.processing import process_weights, set_config
 
 PathLike = Union[str, os.PathLike]
 LENS_CONFIG, LENS_WEIGHTS = "lens_config.json", "model.safetensors"
-_ACT_FROM_HF = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
-_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers, not weights
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json",
@@ -36,103 +33,25 @@ _HALF = (torch.float16, torch.bfloat16)
 
 # ---------------------------------------------------------------------- config
 def config_from_hf(hf_config) -> GPTConfig:
-    """GPTConfig of a GPT-2-family HF config (a config.json dict or a PretrainedConfig):
-    gpt2, gpt2-medium/-large/-xl, distilgpt2 and random models built from GPT2Config."""
+    """The lens spec of an HF config (a config.json dict or a PretrainedConfig), through its
+    family (lens.families): GPT-2, Llama, Mistral, Qwen2/3, GPT-NeoX/Pythia, Phi-3. An option
+    lens does not implement is refused by name."""
     d = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-    if d.get("model_type") != "gpt2":
-        raise ValueError(f"model_type={d.get('model_type')!r} is not supported: lens loads the "
-                         "GPT-2 family (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), whose "
-                         "config.json says model_type='gpt2'")
-    required = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"GPT-2 config lacks {missing}")
-    act = d.get("activation_function", "gelu_new")
-    problems = []
-    if act not in _ACT_FROM_HF:
-        problems.append(f"activation_function={act!r} (supported: {sorted(_ACT_FROM_HF)})")
-    for flag, bad in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
-                      ("add_cross_attention", True)):
-        if d.get(flag, not bad) == bad:
-            problems.append(f"{flag}={bad}")
-    if d["n_embd"] % d["n_head"]:
-        problems.append(f"n_embd={d['n_embd']} is not divisible by n_head={d['n_head']}")
-    if problems:
-        raise ValueError("this GPT-2 variant is not supported by lens: " + "; ".join(problems))
-    return GPTConfig(
-        n_layers=d["n_layer"], d_model=d["n_embd"], n_heads=d["n_head"], d_vocab=d["vocab_size"],
-        n_ctx=d["n_positions"], d_head=d["n_embd"] // d["n_head"],
-        d_mlp=d.get("n_inner") or 4 * d["n_embd"], act_fn=_ACT_FROM_HF[act], normalization="LN",
-        eps=float(d.get("layer_norm_epsilon", 1e-5)),
-        tokenizer_name="gpt2" if d["vocab_size"] == 50257 else None)
-
-
-def _infer_gpt2_config(shapes: dict[str, tuple], overrides: dict, source: str) -> GPTConfig:
-    """GPTConfig from a GPT-2 state dict's shapes; n_heads (not in any shape) must be given."""
-    s = {k.removeprefix("transformer."): v for k, v in shapes.items()}
-    layers = [int(m.group(1)) for k in s if (m := re.fullmatch(r"h\.(\d+)\.ln_1\.weight", k))]
+    fam = families.family(d)
     try:
-        d_vocab, d_model = s["wte.weight"]
-        inferred = dict(n_layers=max(layers) + 1, d_model=d_model, d_vocab=d_vocab,
-                        n_ctx=s["wpe.weight"][0], d_mlp=s["h.0.mlp.c_fc.weight"][1])
-    except (KeyError, ValueError):
-        raise ValueError(f"{source}: cannot infer a GPT-2 config from its tensors (expected "
-                         "wte.weight, wpe.weight, h.0.ln_1.weight, h.0.mlp.c_fc.weight); pass "
-                         "config= or put the checkpoint's config.json beside it") from None
-    if "n_heads" not in overrides:
-        raise ValueError(f"{source}: n_heads cannot be inferred from tensor shapes (inferred "
-                         f"{inferred}); pass config={{'n_heads': ...}}, a GPTConfig or an HF "
-                         "config dict, or put the checkpoint's config.json beside the file")
-    return GPTConfig(**{**inferred, "tokenizer_name": "gpt2" if d_vocab == 50257 else None,
-                        **overrides})
+        return fam.config(d)
+    except KeyError as e:
+        raise ValueError(f"config.json of model_type={fam.model_type!r} lacks the field "
+                         f"{e.args[0]!r}") from None
 
 
 # ---------------------------------------------------------------------- conversion
-Converter = Callable[[Tensor], dict[str, Tensor]]
-
-
-def _gpt2_plan(cfg: GPTConfig) -> dict[str, tuple[tuple, Converter]]:
-    """For each HF GPT-2 weight (without "transformer."): its shape and how it becomes lens
-    weights. HF's Conv1D computes x @ W, as lens does; c_attn fuses Q, K and V of all heads."""
-    D, H, E, V = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_vocab
-
-    def to(name: str, pattern: Optional[str] = None) -> Converter:
-        if pattern is None:
-            return lambda t: {name: t}
-        return lambda t: {name: einops.rearrange(t, pattern, h=H)}
-
-    def split(pattern: str, *names: str) -> Converter:  # c_attn: Q, K, V of all heads
-        return lambda t: dict(zip(names, einops.rearrange(t, pattern, three=3, h=H)))
-
-    plan = {"wte.weight": ((V, D), to("embed.W_E")),
-            "wpe.weight": ((cfg.n_ctx, D), to("pos_embed.W_pos")),
-            "ln_f.weight": ((D,), to("ln_final.w")), "ln_f.bias": ((D,), to("ln_final.b")),
-            "lm_head.weight": ((V, D), lambda t: {"unembed.W_U": t.T})}
-    for l in range(cfg.n_layers):
-        h, b = f"h.{l}.", f"blocks.{l}."
-        plan.update({
-            h + "ln_1.weight": ((D,), to(b + "ln1.w")), h + "ln_1.bias": ((D,), to(b + "ln1.b")),
-            h + "attn.c_attn.weight": ((D, 3 * H * E), split(
-                "m (three h e) -> three h m e", *(b + f"attn.W_{x}" for x in "QKV"))),
-            h + "attn.c_attn.bias": ((3 * H * E,), split(
-                "(three h e) -> three h e", *(b + f"attn.b_{x}" for x in "QKV"))),
-            h + "attn.c_proj.weight": ((H * E, D), to(b + "attn.W_O", "(h e) m -> h e m")),
-            h + "attn.c_proj.bias": ((D,), to(b + "attn.b_O")),
-            h + "ln_2.weight": ((D,), to(b + "ln2.w")), h + "ln_2.bias": ((D,), to(b + "ln2.b")),
-            h + "mlp.c_fc.weight": ((D, cfg.d_mlp), to(b + "mlp.W_in")),
-            h + "mlp.c_fc.bias": ((cfg.d_mlp,), to(b + "mlp.b_in")),
-            h + "mlp.c_proj.weight": ((cfg.d_mlp, D), to(b + "mlp.W_out")),
-            h + "mlp.c_proj.bias": ((D,), to(b + "mlp.b_out")),
-        })
-    return plan
-
-
 def _mismatch_error(source: str, cfg: GPTConfig, missing: list, unexpected: list, misshaped: list):
     if not (missing or unexpected or misshaped):
         return
     lines = [f"{source} does not fit the config (n_layers={cfg.n_layers}, d_model={cfg.d_model}, "
-             f"n_heads={cfg.n_heads}, d_vocab={cfg.d_vocab}, n_ctx={cfg.n_ctx}, "
-             f"d_mlp={cfg.d_mlp}):"]
+             f"n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}, d_head={cfg.d_head}, "
+             f"d_vocab={cfg.d_vocab}, n_ctx={cfg.n_ctx}, d_mlp={cfg.d_mlp}):"]
     kinds = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
     for what, items in kinds:
         if items:
@@ -140,48 +59,50 @@ def _mismatch_error(source: str, cfg: GPTConfig, missing: list, unexpected: list
     raise ValueError("\n".join(lines))
 
 
-def _match_gpt2(shapes: dict[str, tuple], cfg: GPTConfig, tie: bool, source: str) -> dict[str, str]:
+def _match(shapes: dict[str, tuple], cfg: GPTConfig, plan: families.Plan, source: str) -> dict[str, str]:
     """Map plan names to the checkpoint's keys, or raise one ValueError listing every missing,
     unexpected and mis-shaped tensor."""
-    plan, found, unexpected = _gpt2_plan(cfg), {}, []
-    prefix = "transformer." if any(k.startswith("transformer.") for k in shapes) else ""
+    found, unexpected = {}, []
+    ignored = re.compile("|".join(f"(?:{p})" for p in plan.ignored)) if plan.ignored else None
+    prefix = plan.strip if plan.strip and any(k.startswith(plan.strip) for k in shapes) else ""
     for key, shape in shapes.items():
-        short = key.removeprefix("transformer.")
-        if _BUFFERS.fullmatch(short):
+        short = key.removeprefix(plan.strip) if plan.strip else key
+        if ignored is not None and ignored.fullmatch(short):
             continue
-        if short not in plan or short in found:
+        if short not in plan.tensors or short in found:
             unexpected.append(f"{key} {shape}")
         else:
             found[short] = key
-    optional = {"lm_head.weight"} if tie else set()
-    missing = [f"{'' if n.startswith('lm_head') else prefix}{n} {plan[n][0]}"
-               for n in plan if n not in found and n not in optional]
-    misshaped = [f"{key}: expected {plan[short][0]}, got {shapes[key]}"
-                 for short, key in found.items() if shapes[key] != plan[short][0]]
+    missing = [f"{'' if n.startswith('lm_head') else prefix}{n} {plan.tensors[n][0]}"
+               for n in plan.tensors if n not in found]
+    misshaped = [f"{key}: expected {plan.tensors[short][0]}, got {shapes[key]}"
+                 for short, key in found.items() if shapes[key] != plan.tensors[short][0]]
     _mismatch_error(source, cfg, missing, unexpected, misshaped)
     return found
 
 
-def _convert_one(plan: dict, found: dict, short: str, t: Tensor) -> dict[str, Tensor]:
-    pieces = plan[short][1](t)
-    if short == "wte.weight" and "lm_head.weight" not in found:
-        pieces["unembed.W_U"] = t.T  # tied embeddings
-    return pieces
+def convert_state_dict(hf_sd: dict[str, Tensor], cfg: GPTConfig, family: str) -> dict[str, Tensor]:
+    """An HF state dict of `family` (a model_type, e.g. "llama") as a lens state dict for a
+    model built from `cfg`. The result may share memory with `hf_sd`. Raises one ValueError
+    naming every missing, unexpected and mis-shaped tensor."""
+    plan = families.FAMILIES[family].plan(cfg)
+    found = _match({k: tuple(v.shape) for k, v in hf_sd.items()}, cfg, plan, "state dict")
+    out = {}
+    for short, key in found.items():
+        out.update(plan.tensors[short][1](hf_sd[key]))
+    out["unembed.b_U"] = torch.zeros(cfg.d_vocab, dtype=out["embed.W_E"].dtype)
+    return out
 
 
 def convert_gpt2_state_dict(hf_sd: dict[str, Tensor], cfg: GPTConfig,
                             tie_word_embeddings: bool = True) -> dict[str, Tensor]:
     """An HF GPT-2 state dict (keys with or without "transformer.") as a lens state dict.
 
-    lm_head.weight, when absent, is tied to wte. The result may share memory with `hf_sd`.
-    Raises one ValueError naming every missing, unexpected and mis-shaped tensor."""
-    shapes = {k: tuple(v.shape) for k, v in hf_sd.items()}
-    found = _match_gpt2(shapes, cfg, tie_word_embeddings, "state dict")
-    plan, out = _gpt2_plan(cfg), {}
-    for short, key in found.items():
-        out.update(_convert_one(plan, found, short, hf_sd[key]))
-    out["unembed.b_U"] = torch.zeros(cfg.d_vocab, dtype=out["embed.W_E"].dtype)
-    return out
+    With tied embeddings lm_head.weight is ignored (W_U is W_Eᵀ); pass a cfg with
+    tied_embeddings=False (and lm_head.weight) to keep a separate W_U."""
+    if not tie_word_embeddings and cfg.tied_embeddings:
+        cfg = dataclasses.replace(cfg, tied_embeddings=False)
+    return convert_state_dict(hf_sd, cfg, "gpt2")
 
 
 # ---------------------------------------------------------------------- reading tensors
@@ -258,15 +179,17 @@ class _Source:
     def __init__(self, files: list[Path]):
         self.where: dict[str, object] = {}
         self.shapes: dict[str, tuple] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
         for f in files:
             if f.suffix == ".safetensors":
                 handle = _SafetensorsFile(f)
                 for k in handle.keys():
                     self.where[k], self.shapes[k] = handle, handle.shape(k)
+                    self.dtypes[k] = handle.entries[k][0]
             else:
                 sd = _torch_load(f)
                 for k, v in sd.items():
-                    self.where[k], self.shapes[k] = sd, tuple(v.shape)
+                    self.where[k], self.shapes[k], self.dtypes[k] = sd, tuple(v.shape), v.dtype
 
     def get(self, key: str) -> Tensor:
         handle = self.where[key]
@@ -289,8 +212,19 @@ class _Checkpoint:
     cfg: GPTConfig
     source: _Source
     kind: str  # "hf" or "lens"
-    tie: bool = True
+    family: str = "gpt2"  # the HF model_type, for "hf"
     folder: Optional[Path] = None
+
+
+def _stored_dtype(hf_dict: Optional[dict], source: "_Source") -> Optional[torch.dtype]:
+    """The dtype an HF checkpoint was saved in: config.json's dtype (torch_dtype before
+    transformers 5), else that of its floating-point tensors."""
+    name = (hf_dict or {}).get("dtype") or (hf_dict or {}).get("torch_dtype")
+    if isinstance(name, str) and hasattr(torch, name.removeprefix("torch.")):
+        dtype = getattr(torch, name.removeprefix("torch."))
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    return next((d for d in source.dtypes.values() if d.is_floating_point), None)
 
 
 def _read_json(path: Path) -> dict:
@@ -323,14 +257,18 @@ def _open(path: Path, config) -> _Checkpoint:
         cfg, hf_dict = config_from_hf(config), config
     elif hf_dict is not None:
         cfg = GPTConfig.from_dict(hf_dict) if kind == "lens" else config_from_hf(hf_dict)
-        cfg = dataclasses.replace(cfg, **(config or {}))
     elif kind == "hf":
-        cfg = _infer_gpt2_config(source.shapes, dict(config or {}), str(path))
+        cfg = gpt2.infer_config(source.shapes, dict(config or {}), str(path))
     else:
         raise ValueError(f"{path}: lens weights need {LENS_CONFIG} beside them or "
                          "config=GPTConfig(...)")
-    tie = bool((hf_dict or {}).get("tie_word_embeddings", True)) if kind == "hf" else True
-    return _Checkpoint(cfg, source, kind, tie, folder)
+    if kind == "hf" and not isinstance(config, GPTConfig):
+        stored = _stored_dtype(hf_dict, source)
+        cfg = dataclasses.replace(cfg, dtype=stored or cfg.dtype)
+    if isinstance(config, dict) and "model_type" not in config and hf_dict is not None:
+        cfg = dataclasses.replace(cfg, **config)
+    family = (hf_dict or {}).get("model_type", "gpt2") if kind == "hf" else "lens"
+    return _Checkpoint(cfg, source, kind, family, folder)
 
 
 def _from_hub(name: str) -> Path:
@@ -397,10 +335,9 @@ def _fill(model: HookedGPT, ckpt: _Checkpoint) -> None:
              if k in src.shapes and src.shapes[k] != s])
         jobs = ((k, lambda t, k=k: {k: t}) for k in expected)
     else:
-        found = _match_gpt2(src.shapes, ckpt.cfg, ckpt.tie, f"checkpoint {ckpt.folder}")
-        plan = _gpt2_plan(ckpt.cfg)
-        jobs = ((key, lambda t, s=short: _convert_one(plan, found, s, t))
-                for short, key in found.items())
+        plan = families.FAMILIES[ckpt.family].plan(ckpt.cfg)
+        found = _match(src.shapes, ckpt.cfg, plan, f"checkpoint {ckpt.folder}")
+        jobs = ((key, plan.tensors[short][1]) for short, key in found.items())
         params["unembed.b_U"].zero_()
         filled.add("unembed.b_U")
     for key, convert in jobs:

@@ -2,9 +2,9 @@
 
 Every read and write is a named hook point (see lens.hooks); the forward pass validates its
 input, runs any slice of the blocks (stop_at_layer / start_at_layer), and returns logits,
-loss or both. Caching lives in run_with_cache; analysis on top lives in its own modules."""
+loss or both. What is built follows the spec (lens.config); caching lives in run_with_cache,
+analysis on top in its own modules."""
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -13,23 +13,16 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from lens.cache import ActivationCache, run_with_cache
-from lens.components import Block, LayerNorm, padding_mask, weight
+from lens.components import Block, Rotary, Run, make_norm, padding_mask, weight
 from lens.config import GPTConfig
 from lens.generate import KVCache
-from lens.hooks import HookPoint, Hookable
+from lens.hooks import POSITIONS, HookPoint, Hookable
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 
 
-@dataclass
-class ForwardContext:
-    """What hook functions may ask about the current forward pass."""
-
-    positions: Optional[Tensor] = None  # [batch, pos] absolute positions of the pos axis
-
-
 class HookedGPT(Hookable, nn.Module):
-    """A GPT whose every residual-stream read and write is a hook point."""
+    """A decoder-only transformer whose every residual-stream read and write is a hook point."""
 
     def __init__(self, cfg: GPTConfig, tokenizer=None, init: bool = True):
         super().__init__()
@@ -40,13 +33,13 @@ class HookedGPT(Hookable, nn.Module):
         if cfg.positional_embedding:
             self.pos_embed = _PosEmbed(cfg.n_ctx, cfg.d_model, cfg.dtype)
             self.hook_pos_embed = HookPoint()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        if cfg.normalization is not None:
-            self.ln_final = LayerNorm(cfg, affine=cfg.normalization == "LN")
-        self.unembed = _Unembed(cfg.d_model, cfg.d_vocab, cfg.dtype)
+        self.rotary = Rotary(cfg) if cfg.rotary_dim else None
+        self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layers))
+        self.ln_final = make_norm(cfg)
+        self.unembed = _Unembed(cfg.d_model, cfg.d_vocab, cfg.dtype,
+                                tied_to=self.embed if cfg.tied_embeddings else None)
         self.hook_logits = HookPoint()
-        self.ctx = ForwardContext()
-        self.setup_hooks(self.ctx)
+        self.setup_hooks()
         if init:
             self.init_weights()
 
@@ -66,17 +59,28 @@ class HookedGPT(Hookable, nn.Module):
                 p.zero_()
 
     def _stack(self, part: str, name: str) -> Tensor:
-        return torch.stack([getattr(getattr(b, part), name) for b in self.blocks])
+        """A weight stacked over layers; a bias the spec leaves out stacks as zeros."""
+        ts = [getattr(getattr(b, part), name) for b in self.blocks]
+        if ts[0] is None:
+            return torch.zeros(len(ts), *self._bias_shape(name), dtype=self.cfg.dtype, device=self.W_E.device)
+        return torch.stack(ts)
+
+    def _bias_shape(self, name: str) -> tuple:
+        c = self.cfg
+        return {"b_Q": (c.n_heads, c.d_head), "b_K": (c.n_kv_heads, c.d_head),
+                "b_V": (c.n_kv_heads, c.d_head), "b_O": (c.d_model,), "b_in": (c.d_mlp,), "b_gate": (c.d_mlp,),
+                "b_out": (c.d_model,)}[name]
 
     W_Q = property(lambda self: self._stack("attn", "W_Q"), doc="[n_layers, n_heads, d_model, d_head]")
-    W_K = property(lambda self: self._stack("attn", "W_K"), doc="[n_layers, n_heads, d_model, d_head]")
-    W_V = property(lambda self: self._stack("attn", "W_V"), doc="[n_layers, n_heads, d_model, d_head]")
+    W_K = property(lambda self: self._stack("attn", "W_K"), doc="[n_layers, n_kv_heads, d_model, d_head]")
+    W_V = property(lambda self: self._stack("attn", "W_V"), doc="[n_layers, n_kv_heads, d_model, d_head]")
     W_O = property(lambda self: self._stack("attn", "W_O"), doc="[n_layers, n_heads, d_head, d_model]")
     b_Q = property(lambda self: self._stack("attn", "b_Q"), doc="[n_layers, n_heads, d_head]")
-    b_K = property(lambda self: self._stack("attn", "b_K"), doc="[n_layers, n_heads, d_head]")
-    b_V = property(lambda self: self._stack("attn", "b_V"), doc="[n_layers, n_heads, d_head]")
+    b_K = property(lambda self: self._stack("attn", "b_K"), doc="[n_layers, n_kv_heads, d_head]")
+    b_V = property(lambda self: self._stack("attn", "b_V"), doc="[n_layers, n_kv_heads, d_head]")
     b_O = property(lambda self: self._stack("attn", "b_O"), doc="[n_layers, d_model]")
     W_in = property(lambda self: self._stack("mlp", "W_in"), doc="[n_layers, d_model, d_mlp]")
+    W_gate = property(lambda self: self._stack("mlp", "W_gate"), doc="[n_layers, d_model, d_mlp] (gated MLPs)")
     b_in = property(lambda self: self._stack("mlp", "b_in"), doc="[n_layers, d_mlp]")
     W_out = property(lambda self: self._stack("mlp", "W_out"), doc="[n_layers, d_mlp, d_model]")
     b_out = property(lambda self: self._stack("mlp", "b_out"), doc="[n_layers, d_model]")
@@ -89,13 +93,18 @@ class HookedGPT(Hookable, nn.Module):
     def QK(self):
         """The paper's QK circuit W_Q W_Kᵀ per head, factored: [n_layers, n_heads, d_model, d_model]."""
         from lens.factored import FactoredMatrix
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+        return FactoredMatrix(self.W_Q, self._per_query_head(self.W_K).transpose(-2, -1))
 
     @property
     def OV(self):
         """The paper's OV circuit W_V W_O per head, factored: [n_layers, n_heads, d_model, d_model]."""
         from lens.factored import FactoredMatrix
-        return FactoredMatrix(self.W_V, self.W_O)
+        return FactoredMatrix(self._per_query_head(self.W_V), self.W_O)
+
+    def _per_query_head(self, W: Tensor) -> Tensor:
+        """[n_layers, n_kv_heads, ...] weights repeated to one per query head (GQA)."""
+        g = self.cfg.n_heads // self.cfg.n_kv_heads
+        return W if g == 1 else W.repeat_interleave(g, dim=1)
 
     # ------------------------------------------------------------------ input
     def check_tokens(self, tokens) -> Int[Tensor, "batch pos"]:
@@ -172,10 +181,7 @@ class HookedGPT(Hookable, nn.Module):
                     raise ValueError(f"past_kv runs every block; stop_at_layer={stop_at_layer} "
                                      f"must then be None or n_layers={L}")
                 positions, mask = past_kv.prepare(batch, n, attention_mask, self.cfg.n_ctx, tokens.device)
-            self.ctx.positions = positions
-            resid = self.hook_embed.run(self.embed(tokens))
-            if self.cfg.positional_embedding:
-                resid = resid + self.hook_pos_embed.run(self.pos_embed(positions))
+            resid = None
         else:
             if past_kv is not None:
                 raise ValueError("past_kv needs token input; it cannot be used with start_at_layer")
@@ -188,18 +194,22 @@ class HookedGPT(Hookable, nn.Module):
                 tokens = self.check_tokens(tokens)
             batch, n = resid.shape[:2]
             positions, mask = self._mask_and_positions(batch, n, attention_mask, resid.device)
-            self.ctx.positions = positions
-        if past_kv is None:
-            for block in self.blocks[start:stop]:
-                resid = block(resid, mask)
-        else:
-            for block, entry in zip(self.blocks, past_kv.layers):
-                resid = block(resid, mask, entry)
-        if stop_at_layer is not None:
-            return resid
-        if self.cfg.normalization is not None:
-            resid = self.ln_final(resid)
-        logits = self.hook_logits.run(self.unembed(resid))
+        run = self.make_run(positions, mask)
+        token = POSITIONS.set(positions)
+        try:
+            if resid is None:
+                resid = self.embed_stage(tokens, positions)
+            if past_kv is None:
+                for block in self.blocks[start:stop]:
+                    resid = block(resid, run)
+            else:
+                for block, entry in zip(self.blocks, past_kv.layers):
+                    resid = block(resid, run, entry)
+            if stop_at_layer is not None:
+                return resid
+            logits = self.unembed_stage(resid)
+        finally:
+            POSITIONS.reset(token)
         if return_type == "logits":
             return logits
         if return_type is None:
@@ -208,6 +218,33 @@ class HookedGPT(Hookable, nn.Module):
             raise ValueError("a loss needs the tokens: pass tokens= together with start_at_layer")
         loss = lm_loss(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    # ------------------------------------------------------------------ stages
+    def make_run(self, positions: Int[Tensor, "batch pos"], mask: Optional[Tensor] = None) -> Run:
+        """The per-call facts every block reads: positions, padding mask, rotary angles."""
+        rope = None if self.rotary is None else self.rotary.angles(positions, self.W_E.dtype)
+        return Run(positions, mask, rope)
+
+    def embed_stage(self, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"]
+                    ) -> Float[Tensor, "batch pos d_model"]:
+        """The stream entering block 0: token embedding (plus learned positions)."""
+        resid = self.hook_embed.run(self.embed(tokens))
+        if self.cfg.positional_embedding:
+            resid = resid + self.hook_pos_embed.run(self.pos_embed(positions))
+        return resid
+
+    def unembed_stage(self, resid: Float[Tensor, "batch pos d_model"],
+                      positions: Optional[Tensor] = None) -> Float[Tensor, "batch pos d_vocab"]:
+        """The final norm, the unembedding and hook_logits on the stream after the last block.
+        `positions` (when given) are what hook.positions reports during this stage."""
+        token = None if positions is None else POSITIONS.set(positions)
+        try:
+            if self.ln_final is not None:
+                resid = self.ln_final(resid)
+            return self.hook_logits.run(self.unembed(resid))
+        finally:
+            if token is not None:
+                POSITIONS.reset(token)
 
     def run_with_cache(self, *args, **kwargs) -> tuple[Optional[Tensor], ActivationCache]:
         """Forward that stores activations; see lens.cache.run_with_cache for the arguments."""
@@ -326,10 +363,36 @@ class _PosEmbed(nn.Module):
 
 
 class _Unembed(nn.Module):
-    def __init__(self, d_model: int, d_vocab: int, dtype):
+    """x @ W_U + b_U. Tied to the embedding (`tied_to`), W_U is W_Eᵀ: one tensor, not a copy."""
+
+    def __init__(self, d_model: int, d_vocab: int, dtype, tied_to: Optional[_Embed] = None):
         super().__init__()
-        self.W_U = weight((d_model, d_vocab), (1, 0), dtype)
+        self._tied = [tied_to] if tied_to is not None else None  # a list: not a submodule
+        if tied_to is None:
+            self.W_U = weight((d_model, d_vocab), (1, 0), dtype)
         self.b_U = nn.Parameter(torch.zeros(d_vocab, dtype=dtype))
 
+    @property
+    def tied(self) -> bool:
+        return self._tied is not None
+
+    def __getattr__(self, name: str):
+        if name == "W_U" and self.__dict__.get("_tied") is not None:
+            return self._tied[0].W_E.T
+        return super().__getattr__(name)
+
+    def untie(self) -> None:
+        """Give W_U its own memory (a copy of W_Eᵀ), e.g. before processing changes it."""
+        if self._tied is None:
+            return
+        W_E = self._tied[0].W_E.detach()
+        self._tied = None
+        W_U = weight((W_E.shape[1], W_E.shape[0]), (1, 0), W_E.dtype).to(W_E.device)
+        with torch.no_grad():
+            W_U.copy_(W_E.T)
+        self.W_U = W_U
+
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        if self._tied is not None:
+            return F.linear(x, self._tied[0].W_E, self.b_U)
         return F.linear(x, self.W_U.T, self.b_U)

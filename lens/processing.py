@@ -1,6 +1,13 @@
 """Weight processing that leaves a model's output unchanged but makes its weights easier to read:
-fold LayerNorm into the next layer, centre what writes to the residual stream, centre the
-unembedding, fold value biases into the output bias (TransformerLens's steps, in its order)."""
+fold the norms' weights into the next layer (LayerNorm and RMSNorm), centre what writes to the
+residual stream (only where every reader is a LayerNorm, which centres), centre the unembedding,
+fold value biases into the output bias (TransformerLens's steps, in its order).
+
+What each family gets from `from_pretrained` (process=True): GPT-2 and GPT-NeoX/Pythia
+(LayerNorm) all four steps; Llama, Mistral, Qwen2/3 and Phi-3 (RMSNorm) fold_layer_norm
+(RMSNorm weights into W_Q/W_K/W_V, W_gate/W_in and W_U; Qwen3's per-head QK-norm stays),
+center_unembed, and fold_value_biases where there is a b_V (Qwen2); centring the writes is
+skipped, since RMSNorm does not centre. `from_pretrained_no_processing` applies none."""
 
 import dataclasses
 from typing import Optional, Union
@@ -51,11 +58,26 @@ class _Weights:
         else:
             raise TypeError(f"expected a HookedGPT or a state dict, got {type(target).__name__}")
 
+    def has(self, name: str) -> bool:
+        return self.store.get(name) is not None
+
+    def untie(self) -> None:
+        """Give a tied unembedding its own W_U before a step changes W_E or W_U."""
+        if self.model is not None and self.model.unembed.tied:
+            self.model.unembed.untie()
+            self.store = dict(self.model.named_parameters())
+            set_config(self.model, tied_embeddings=False)
+            self.cfg = self.model.cfg
+        elif self.model is None and self.cfg.tied_embeddings and "unembed.W_U" not in self.store:
+            raise ValueError("this state dict has tied embeddings (no unembed.W_U); add "
+                             "unembed.W_U = embed.W_E.T and use a cfg with tied_embeddings=False")
+
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.store:
             raise ValueError(f"weight {name!r} is missing; the weights do not match the config "
                              f"(normalization={self.cfg.normalization!r}, "
-                             f"attn_only={self.cfg.attn_only})")
+                             f"attn_only={self.cfg.attn_only}, attn_bias={self.cfg.attn_bias}, "
+                             f"mlp_bias={self.cfg.mlp_bias})")
         t = self.store[name].detach()
         return t.float() if t.dtype in _HALF else t
 
@@ -81,51 +103,73 @@ class _Weights:
         new.metadata["processing"] = done + [step]
 
 
-def _fold(W: Float[Tensor, "*heads d_model d_out"], b: Float[Tensor, "*heads d_out"],
-          ln_w: Float[Tensor, " d_model"], ln_b: Float[Tensor, " d_model"], center: bool
-          ) -> tuple[Float[Tensor, "*heads d_model d_out"], Float[Tensor, "*heads d_out"]]:
-    """LN(x) @ W + b == LNPre(x) @ W' + b' with W' = diag(ln_w) W and b' = b + ln_b @ W.
+def _fold(W: Float[Tensor, "*heads d_model d_out"], b: Optional[Float[Tensor, "*heads d_out"]],
+          ln_w: Float[Tensor, " d_model"], ln_b: Optional[Float[Tensor, " d_model"]], center: bool
+          ) -> tuple[Float[Tensor, "*heads d_model d_out"], Optional[Float[Tensor, "*heads d_out"]]]:
+    """norm(x) @ W + b == normPre(x) @ W' + b' with W' = diag(ln_w) W and b' = b + ln_b @ W
+    (RMSNorm has no ln_b).
 
     LNPre(x) has zero mean over d_model, so W' may also be centred along d_model (a constant
-    added to every row of W' adds nothing to the product)."""
-    b = b + einops.einsum(ln_b, W, "d_model, ... d_model d_out -> ... d_out")
+    added to every row of W' adds nothing to the product); RMSPre(x) does not, so `center` is
+    only for LayerNorm."""
+    if ln_b is not None:
+        b = b + einops.einsum(ln_b, W, "d_model, ... d_model d_out -> ... d_out")
     W = W * ln_w[:, None]
     if center:
         W -= W.mean(-2, keepdim=True)  # in place on the new tensor: one temporary, not two
     return W, b
 
 
+def _readers(cfg: GPTConfig) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Each norm with its weight and bias, and the (weight, bias) pairs that read its output."""
+    readers = []
+    for l in range(cfg.n_layers):
+        p = f"blocks.{l}."
+        readers.append((p + "ln1", [(p + f"attn.W_{x}", p + f"attn.b_{x}") for x in "QKV"]))
+        if cfg.has_mlp:
+            mlp = [(p + "mlp.W_in", p + "mlp.b_in")]
+            if cfg.gated_mlp:
+                mlp.append((p + "mlp.W_gate", p + "mlp.b_gate"))
+            readers.append((p + "ln2", mlp))
+    readers.append(("ln_final", [("unembed.W_U", "unembed.b_U")]))
+    return readers
+
+
 @torch.no_grad()
 def fold_layer_norm(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = None,
                     center_reading_weights: bool = True):
-    """Fold every LayerNorm's weight and bias into the weights that read its output.
+    """Fold every norm's weight (and LayerNorm's bias) into the weights that read its output.
 
-    ln1 goes into W_Q/W_K/W_V and b_Q/b_K/b_V, ln2 into W_in/b_in, ln_final into W_U/b_U; the
-    reading weights are then centred along d_model (`center_reading_weights`). The LayerNorm
-    weights are removed and the config becomes normalization="LNPre". A state dict is changed
-    in place (pass its cfg; build the model for it with normalization="LNPre").
+    ln1 goes into W_Q/W_K/W_V and b_Q/b_K/b_V, ln2 into W_in (and W_gate)/b_in, ln_final into
+    W_U/b_U; under LayerNorm the reading weights are then centred along d_model
+    (`center_reading_weights`). The norm weights are removed and the config becomes
+    normalization="LNPre" (or "RMSPre"). A state dict is changed in place (pass its cfg; build
+    the model for it with the Pre normalization).
     """
     W = _Weights(target, cfg)
     norm = W.cfg.normalization
-    if norm != "LN":
-        why = ("it has no LayerNorm" if norm is None
-               else "its LayerNorm weights are folded already")
-        raise ValueError(f"fold_layer_norm needs normalization='LN', but the model has "
+    if norm not in ("LN", "RMS"):
+        why = ("it has no norm" if norm is None else "its norm weights are folded already")
+        raise ValueError(f"fold_layer_norm needs normalization 'LN' or 'RMS', but the model has "
                          f"normalization={norm!r}: {why}")
-    readers = []
-    for l in range(W.cfg.n_layers):
-        p = f"blocks.{l}."
-        readers.append((p + "ln1", [(p + f"attn.W_{x}", p + f"attn.b_{x}") for x in "QKV"]))
-        if not W.cfg.attn_only:
-            readers.append((p + "ln2", [(p + "mlp.W_in", p + "mlp.b_in")]))
-    readers.append(("ln_final", [("unembed.W_U", "unembed.b_U")]))
-    for ln, pairs in readers:
-        ln_w, ln_b = W[ln + ".w"], W[ln + ".b"]
+    W.untie()
+    centres = norm == "LN"
+    for ln, pairs in _readers(W.cfg):
+        ln_w = W[ln + ".w"]
+        ln_b = W[ln + ".b"] if W.has(ln + ".b") else None
         for w_name, b_name in pairs:
-            W[w_name], W[b_name] = _fold(W[w_name], W[b_name], ln_w, ln_b, center_reading_weights)
+            bias = W[b_name] if W.has(b_name) else None
+            if ln_b is not None and bias is None:
+                raise ValueError(f"cannot fold {ln}.b: {w_name} has no bias {b_name} to take it "
+                                 "(load with fold_ln=False)")
+            new_w, new_b = _fold(W[w_name], bias, ln_w, ln_b, centres and center_reading_weights)
+            W[w_name] = new_w
+            if new_b is not None:
+                W[b_name] = new_b
         W.drop(ln + ".w")
-        W.drop(ln + ".b")
-    W.record("fold_layer_norm", normalization="LNPre")
+        if ln_b is not None:
+            W.drop(ln + ".b")
+    W.record("fold_layer_norm", normalization=norm + "Pre")
     return target
 
 
@@ -138,16 +182,17 @@ def center_writing_weights(target: Union[nn.Module, dict], cfg: Optional[GPTConf
     subtracts the mean anyway; a model with normalization=None is refused.
     """
     W = _Weights(target, cfg)
-    if W.cfg.normalization is None:
+    if W.cfg.norm_kind != "LN":
         raise ValueError("center_writing_weights needs every reader of the residual stream to be a "
-                         "LayerNorm (normalization 'LN' or 'LNPre'); with normalization=None "
-                         "centring would change the model's output")
+                         "LayerNorm (normalization 'LN' or 'LNPre'); with normalization="
+                         f"{W.cfg.normalization!r} centring would change the model's output")
+    W.untie()
     names = ["embed.W_E"] + (["pos_embed.W_pos"] if W.cfg.positional_embedding else [])
     for l in range(W.cfg.n_layers):
         names += [f"blocks.{l}.attn.W_O", f"blocks.{l}.attn.b_O"]
         if not W.cfg.attn_only:
             names += [f"blocks.{l}.mlp.W_out", f"blocks.{l}.mlp.b_out"]
-    for name in names:
+    for name in [n for n in names if W.has(n)]:
         w = W[name]
         W[name] = w - w.mean(-1, keepdim=True)
     W.record("center_writing_weights")
@@ -159,6 +204,7 @@ def center_unembed(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = No
     """Centre W_U and b_U over the vocabulary. Softmax ignores a constant added to every logit,
     so log-probs and probabilities are unchanged; the logits themselves shift."""
     W = _Weights(target, cfg)
+    W.untie()
     W_U, b_U = W["unembed.W_U"], W["unembed.b_U"]
     W["unembed.W_U"] = W_U - W_U.mean(-1, keepdim=True)
     W["unembed.b_U"] = b_U - b_U.mean()
@@ -168,17 +214,24 @@ def center_unembed(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = No
 
 @torch.no_grad()
 def fold_value_biases(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = None):
-    """Move b_V into b_O: b_O += Σ_h b_V[h] @ W_O[h], then b_V = 0.
+    """Move b_V into b_O: b_O += Σ_h b_V[h] @ W_O[h], then b_V = 0 (under grouped-query
+    attention head h reads b_V of its key/value head).
 
     Each query's attention pattern sums to one, so the value bias reaches the output as the
-    constant b_V[h] @ W_O[h] whatever the pattern."""
+    constant b_V[h] @ W_O[h] whatever the pattern. A model without b_V is left as it is; one
+    with b_V but without b_O is refused."""
     W = _Weights(target, cfg)
+    groups = W.cfg.n_heads // W.cfg.n_kv_heads
     for l in range(W.cfg.n_layers):
         p = f"blocks.{l}.attn."
-        b_V, W_O = W[p + "b_V"], W[p + "W_O"]
+        if not W.has(p + "b_V"):
+            continue
+        if not W.has(p + "b_O"):
+            raise ValueError(f"cannot fold {p}b_V: the model has no b_O (attn_out_bias=False)")
+        b_V, W_O = W[p + "b_V"].repeat_interleave(groups, 0), W[p + "W_O"]
         through_W_O = einops.einsum(b_V, W_O, "n_heads d_head, n_heads d_head d_model -> d_model")
         W[p + "b_O"] = W[p + "b_O"] + through_W_O
-        W[p + "b_V"] = torch.zeros_like(b_V)
+        W[p + "b_V"] = torch.zeros_like(W[p + "b_V"])
     W.record("fold_value_biases")
     return target
 
@@ -196,16 +249,18 @@ def process_weights(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = N
 
     A model records the steps applied to it in cfg.metadata["processing"] (saved with it), and
     steps already recorded are not repeated. strict=True raises when a requested step does not
-    apply to the architecture; strict=False skips it (fold_ln without LayerNorm weights,
-    centring writes without LayerNorm).
+    apply to the architecture; strict=False skips it (fold_ln without norm weights, centring
+    writes without LayerNorm, value biases without an output bias).
     """
     wanted = dict(zip(STEPS, (fold_ln, center_writing_weights, center_unembed, fold_value_biases)))
     done = applied_steps(target) if isinstance(target, nn.Module) else []
     for step, want in wanted.items():
         if not want or step in done:
             continue
-        norm = _Weights(target, cfg).cfg.normalization
-        applicable = {"fold_layer_norm": norm == "LN", "center_writing_weights": norm is not None}
+        spec = _Weights(target, cfg).cfg
+        applicable = {"fold_layer_norm": spec.normalization in ("LN", "RMS"),
+                      "center_writing_weights": spec.norm_kind == "LN",
+                      "fold_value_biases": not spec.attn_bias or spec.attn_out_bias}
         if not strict and not applicable.get(step, True):
             continue
         _FUNCTIONS[step](target, cfg)

@@ -54,8 +54,10 @@ def test_config_from_hf_maps_gpt2_fields():
     assert (cfg.d_mlp, cfg.act_fn, cfg.tokenizer_name) == (40, "relu", None)
 
 
-def test_non_gpt2_configs_are_rejected(tmp_path):
-    with pytest.raises(ValueError, match="model_type='llama' is not supported"):
+def test_unsupported_configs_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"model_type='bert' is not supported; lens loads \["):
+        config_from_hf({"model_type": "bert", "hidden_size": 64})
+    with pytest.raises(ValueError, match="model_type='llama' lacks the field 'num_attention_heads'"):
         config_from_hf({"model_type": "llama", "hidden_size": 64})
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         config_from_hf({**transformers.GPT2Config(**SMALL).to_dict(),

@@ -250,8 +250,8 @@ def test_config_validation_names_the_fields():
         lens.GPTConfig(n_layers=1, d_model=10, n_heads=3, d_vocab=5, n_ctx=4)
     with pytest.raises(ValueError, match="act_fn='tanh'"):
         lens.GPTConfig(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, act_fn="tanh")
-    with pytest.raises(ValueError, match="normalization='RMS'"):
-        lens.GPTConfig(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, normalization="RMS")
+    with pytest.raises(ValueError, match="normalization='BatchNorm'"):
+        lens.GPTConfig(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, normalization="BatchNorm")
     with pytest.raises(ValueError, match="n_layers=0"):
         lens.GPTConfig(n_layers=0, d_model=8, n_heads=2, d_vocab=5, n_ctx=4)
     cfg = lens.GPTConfig(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, dtype="bfloat16")

@@ -1,0 +1,21 @@
+"""Families of HF checkpoints, one small file each: an HF config.json → a lens spec, and HF
+tensor names → lens weights (a plan). Every HF option lens does not implement is refused by
+name; nothing here is read by the forward pass."""
+
+from lens.families.common import Family, Plan, refuse_unknown
+from lens.families import gpt2, llama, neox, phi3
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in
+                               (gpt2.FAMILY, *llama.FAMILIES, neox.FAMILY, phi3.FAMILY)}
+
+
+def family(hf: dict) -> Family:
+    """The family of an HF config dict (config.json), by its model_type."""
+    kind = hf.get("model_type")
+    if kind not in FAMILIES:
+        raise ValueError(f"model_type={kind!r} is not supported; lens loads {sorted(FAMILIES)} "
+                         f"({', '.join(f.examples for f in FAMILIES.values())})")
+    return FAMILIES[kind]
+
+
+__all__ = ["FAMILIES", "Family", "Plan", "family", "refuse_unknown"]
