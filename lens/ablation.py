@@ -9,17 +9,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from lens import sites
 from lens.cache import ActivationCache, act_name
 
 Index = Union[None, int, slice, Sequence[int], Tensor]
 Hook = tuple[str, Callable]
 Means = Union[Tensor, Mapping, ActivationCache]
 
-# leaf name -> axis of n_heads; the pattern and scores are [batch, n_heads, query_pos, key_pos]
-_HEAD_AXIS = {"hook_q": 2, "hook_k": 2, "hook_v": 2, "hook_z": 2, "hook_result": 2,
-              "hook_q_input": 2, "hook_k_input": 2, "hook_v_input": 2,
-              "hook_pattern": 1, "hook_attn_scores": 1}
-_PATTERNS = ("hook_pattern", "hook_attn_scores")
 
 
 def hook_name(name: str, layer: Optional[int] = None) -> str:
@@ -40,21 +36,20 @@ class _Site:
     """Where the head, neuron and position axes are in one hook point's activation."""
 
     def __init__(self, name: str):
-        leaf = name.rsplit(".", 1)[-1]
         self.name = name
-        self.head_axis = _HEAD_AXIS.get(leaf)
-        self.neuron_axis = 2 if leaf in ("hook_pre", "hook_post") and ".mlp." in name else None
-        self.pos_axis = 2 if leaf in _PATTERNS else 1  # the query position for patterns
-        self.scores = leaf == "hook_attn_scores"
+        self.head_axis = sites.head_axis(name)
+        self.neuron_axis = sites.neuron_axis(name)
+        self.pos_axis = sites.pos_axis(name)  # the query position for patterns
+        self.scores = name.endswith("hook_attn_scores")
 
     def check(self, heads: Index, neurons: Index) -> None:
         if heads is not None and self.head_axis is None:
             raise ValueError(f"heads= given for {self.name!r}, which has no n_heads axis; per-head "
-                             "sites are attn.hook_q/k/v/z/result/pattern/attn_scores and "
-                             "hook_q/k/v_input")
+                             "sites are attn.hook_q/k/v/rot_q/rot_k/z/result/pattern/"
+                             "attn_scores and hook_q/k/v_input")
         if neurons is not None and self.neuron_axis is None:
             raise ValueError(f"neurons= given for {self.name!r}, which has no d_mlp axis; neuron "
-                             "sites are blocks.{l}.mlp.hook_pre and blocks.{l}.mlp.hook_post")
+                             "sites are blocks.{l}.mlp.hook_pre, hook_pre_linear and hook_post")
 
 
 def _axis_mask(idx: Index, size: int, what: str, name: str) -> Tensor:
@@ -198,7 +193,7 @@ def mean_activations(model, tokens: Int[Tensor, "batch pos"], names,
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     names = model.hook_names_matching(names)
     if over_positions:
-        bad = [n for n in names if n.endswith(_PATTERNS)]
+        bad = [n for n in names if "key_pos" in sites.axes(n)]
         if bad:
             raise ValueError(f"over_positions=True would average {bad[:3]} over query positions, "
                              "which mixes rows of different lengths; use per-position means")

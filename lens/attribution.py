@@ -1,5 +1,5 @@
 """Direct logit attribution and the logit lens: how much each write to the residual stream moves
-a logit difference through the final LayerNorm with its scale frozen, and what the unembedding
+a logit difference through the final norm with its scale frozen, and what the unembedding
 reads from the stream after each layer."""
 
 from collections.abc import Sequence
@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -83,12 +82,8 @@ def _final_stream(model, cache: ActivationCache) -> Float[Tensor, "batch pos d_m
 
 
 def _ln_final(model, x: Tensor) -> Tensor:
-    """The real final LayerNorm of x [..., d_model] (identity when the model has none)."""
-    if model.cfg.normalization is None:
-        return x
-    ln = model.ln_final
-    w, b = (None, None) if ln.w is None else (_like(ln.w, x), _like(ln.b, x))
-    return F.layer_norm(x, (model.cfg.d_model,), w, b, ln.eps)
+    """The real final norm of x [..., d_model] (identity when the model has none)."""
+    return x if model.ln_final is None else model.ln_final.plain(x)
 
 
 def _like(weight: Tensor, x: Tensor) -> Tensor:
@@ -164,13 +159,11 @@ def direct_logit_attribution(model, cache: ActivationCache, answer_tokens: Token
     constant = constant.to(resid.device, dtype)
     resid = _at(resid, pidx).to(dtype)
     logit_diff = (_ln_final(model, resid) * direction).sum(-1) + constant
-    read = direction  # what a component's write is dotted with, the frozen LayerNorm folded in
-    if cfg.normalization is not None:
+    read = direction  # what a component's write is dotted with, the frozen final norm folded in
+    if model.ln_final is not None:
         ln = model.ln_final
-        if ln.w is not None:
-            read = read * _like(ln.w, read)
-            constant = constant + direction @ _like(ln.b, read)
-        read = (read - read.mean(-1, keepdim=True)) / _at(cache["ln_final.hook_scale"], pidx).to(dtype)
+        constant = constant + ln.bias_along(direction)
+        read = ln.read_through(direction, _at(cache["ln_final.hook_scale"], pidx).to(dtype))
 
     def at(name: str) -> Tensor:
         return _at(cache[name], pidx).to(dtype)
@@ -212,7 +205,7 @@ def direct_logit_attribution(model, cache: ActivationCache, answer_tokens: Token
             labels.append("embed")
         for l in range(cfg.n_layers):
             attn = dot(f"blocks.{l}.hook_attn_out")
-            mlp = None if cfg.attn_only else dot(f"blocks.{l}.hook_mlp_out")
+            mlp = None if not cfg.has_mlp else dot(f"blocks.{l}.hook_mlp_out")
             if per == "layer":
                 values.append(attn if mlp is None else attn + mlp)
                 labels.append(f"L{l}")
@@ -303,10 +296,9 @@ def logit_lens(model, cache: Optional[ActivationCache] = None, pos: Pos = -1,
         normed = stack
     elif freeze_scale:
         ln = model.ln_final
-        scale = _at(cache["ln_final.hook_scale"], pidx).to(stack.dtype)
-        normed = (stack - stack.mean(-1, keepdim=True)) / scale
-        if ln.w is not None:
-            normed = normed * _like(ln.w, normed) + _like(ln.b, normed)
+        normed = ln.frozen(stack, _at(cache["ln_final.hook_scale"], pidx).to(stack.dtype))
+        if ln.b is not None:
+            normed = normed + _like(ln.b, normed)
     else:
         normed = _ln_final(model, stack)
     logits = normed @ _like(model.W_U, normed) + _like(model.b_U, normed)

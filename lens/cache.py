@@ -12,42 +12,16 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from lens import sites
+
 PosSlice = Union[None, int, slice, Sequence[int], Tensor]
-_ATTN = {"q", "k", "v", "z", "result", "pattern", "attn_scores"}
-_MLP = {"pre", "post"}
-_LN = {"scale", "normalized"}
-_BLOCK = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in",
-          "q_input", "k_input", "v_input"}
-_TOP = {"embed": "hook_embed", "pos_embed": "hook_pos_embed", "logits": "hook_logits"}
-_ALIASES = {"scores": "attn_scores", "attn": "pattern", "mlp_pre": "pre", "mlp_post": "post"}
 
 
 def act_name(name: str, layer: Optional[int] = None, layer_type: Optional[str] = None,
              n_layers: Optional[int] = None) -> str:
-    """Full hook name from a short one: act_name("pattern", 0) -> "blocks.0.attn.hook_pattern"."""
-    if "." in name or name.startswith("hook_"):
-        return name
-    name = _ALIASES.get(name, name)
-    if name in _TOP:
-        return _TOP[name]
-    if layer is None:
-        if name in _LN:
-            return f"ln_final.hook_{name}"
-        raise KeyError(f"short name {name!r} needs a layer, e.g. cache[{name!r}, 0]")
-    if n_layers is not None:
-        if not -n_layers <= layer < n_layers:
-            raise KeyError(f"layer {layer} is out of range for a model with n_layers={n_layers}")
-        layer %= n_layers
-    if name in _LN:
-        return f"blocks.{layer}.{layer_type or 'ln1'}.hook_{name}"
-    if name in _ATTN:
-        return f"blocks.{layer}.{layer_type or 'attn'}.hook_{name}"
-    if name in _MLP:
-        return f"blocks.{layer}.{layer_type or 'mlp'}.hook_{name}"
-    if name in _BLOCK:
-        return f"blocks.{layer}.hook_{name}"
-    valid = sorted(_ATTN | _MLP | _LN | _BLOCK | set(_TOP))
-    raise KeyError(f"unknown short name {name!r}; valid short names are {valid}")
+    """Full hook name from a short one: act_name("pattern", 0) -> "blocks.0.attn.hook_pattern"
+    (lens.sites.name; layer_type picks the module, e.g. "ln2" for a norm)."""
+    return sites.name(name, layer, layer_type, n_layers)
 
 
 def pos_index(pos_slice: PosSlice):
@@ -62,7 +36,7 @@ def pos_index(pos_slice: PosSlice):
 
 
 def _pos_dim(name: str) -> int:
-    return 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
+    return sites.pos_axis(name)
 
 
 def _index_dim(t: Tensor, dim: int, idx) -> Tensor:
@@ -237,7 +211,8 @@ class ActivationCache(Mapping):
     def _resid_at(self, layer: int, mlp_input: bool = False) -> Tensor:
         if layer == self.model.cfg.n_layers:
             return self[f"blocks.{layer - 1}.hook_resid_post"]
-        return self[f"blocks.{layer}.hook_resid_{'mid' if mlp_input else 'pre'}"]
+        mid = mlp_input and self.model.cfg.has_resid_mid
+        return self[f"blocks.{layer}.hook_resid_{'mid' if mid else 'pre'}"]
 
     def _pos(self, t: Tensor, pos_slice: PosSlice, dim: int) -> Tensor:
         return _index_dim(t, dim, pos_index(pos_slice))
@@ -252,7 +227,7 @@ class ActivationCache(Mapping):
         parts, labels = [], []
         for l in range(min(layer + 1, L)):
             parts.append(self[f"blocks.{l}.hook_resid_pre"]); labels.append(f"{l}_pre")
-            if incl_mid and not self.model.cfg.attn_only and (l < layer or mlp_input):
+            if incl_mid and self.model.cfg.has_resid_mid and (l < layer or mlp_input):
                 parts.append(self[f"blocks.{l}.hook_resid_mid"]); labels.append(f"{l}_mid")
         if layer == L:
             parts.append(self[f"blocks.{L - 1}.hook_resid_post"]); labels.append("final_post")
@@ -275,7 +250,7 @@ class ActivationCache(Mapping):
             parts.append(self["hook_embed"]); labels.append("embed")
             if cfg.positional_embedding:
                 parts.append(self["hook_pos_embed"]); labels.append("pos_embed")
-        for l in range(layer + (1 if mlp_input and layer < cfg.n_layers else 0)):
+        for l in range(layer + (1 if mlp_input and layer < cfg.n_layers and cfg.has_resid_mid else 0)):
             if mode != "mlp":
                 parts.append(self[f"blocks.{l}.hook_attn_out"]); labels.append(f"{l}_attn_out")
             if mode != "attn" and not cfg.attn_only and l < layer:
@@ -352,17 +327,16 @@ class ActivationCache(Mapping):
                           mlp_input: bool = False, pos_slice: PosSlice = None,
                           batch_slice: PosSlice = None, has_batch_dim: bool = True
                           ) -> Float[Tensor, "... d_model"]:
-        """Apply the LayerNorm that reads the stream at `layer` (the final one when None) to each
-        component, with the scale frozen from the cache: centre, divide by the cached scale, and
-        multiply by the LayerNorm weight. The bias is left out (it belongs to no component), so
-        the components sum to LN(stream) − b."""
+        """Apply the norm that reads the stream at `layer` (the final one when None) to each
+        component, with the scale frozen from the cache: centre (LayerNorm only), divide by the
+        cached scale, and multiply by the norm's weight. The bias is left out (it belongs to no
+        component), so the components sum to norm(stream) − b."""
         layer = self._layer(layer)
         cfg = self.model.cfg
         if cfg.normalization is None:
             return residual_stack
         ln = self.model.ln_final if layer == cfg.n_layers else (
             self.model.blocks[layer].ln2 if mlp_input else self.model.blocks[layer].ln1)
-        x = residual_stack - residual_stack.mean(-1, keepdim=True)
         scale = self.ln_scale(layer, mlp_input)
         if self.has_batch_dim:
             scale = _index_dim(scale, 0, pos_index(batch_slice))
@@ -370,10 +344,7 @@ class ActivationCache(Mapping):
         scale = _index_dim(scale, pdim, pos_index(pos_slice))
         if not has_batch_dim and self.has_batch_dim and scale.shape[0] == 1:
             scale = scale[0]
-        x = x / scale.to(x.device)
-        if ln.w is not None:
-            x = x * ln.w.to(x.device, x.dtype)
-        return x
+        return ln.frozen(residual_stack, scale)
 
     def logit_attrs(self, residual_stack: Float[Tensor, "... d_model"],
                     tokens: Union[int, str, Tensor], incorrect_tokens=None,

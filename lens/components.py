@@ -150,6 +150,30 @@ class Norm(nn.Module):
             x = x + self.b
         return x.to(dtype)
 
+    def plain(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        """The norm of x without running its hooks, its weights moved to x's device and dtype
+        (for analysis on caches that live elsewhere than the model)."""
+        w = None if self.w is None else self.w.detach().to(x.device, x.dtype)
+        if self.kind == "LN":
+            b = None if self.b is None else self.b.detach().to(x.device, x.dtype)
+            return F.layer_norm(x, (self.length,), w, b, self.eps)
+        return F.rms_norm(x, (self.length,), w, self.eps)
+
+    def read_through(self, u: Float[Tensor, "... d"], scale: Tensor) -> Float[Tensor, "... d"]:
+        """The direction a write must be dotted with so that write · read_through(u) equals
+        frozen(write) · u: the adjoint of the frozen norm (weight, then centring, over scale)."""
+        if self.w is not None:
+            u = u * self.w.detach().to(u.device, u.dtype)
+        if self.centres:
+            u = u - u.mean(-1, keepdim=True)
+        return u / scale.to(u.device, u.dtype)
+
+    def bias_along(self, u: Float[Tensor, "... d"]) -> Tensor:
+        """b · u: what the norm's bias adds along u (0 without a bias)."""
+        if self.b is None:
+            return torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
+        return u @ self.b.detach().to(u.device, u.dtype)
+
     def frozen(self, x: Float[Tensor, "... d"], scale: Tensor) -> Float[Tensor, "... d"]:
         """The norm as a linear map, with the scale frozen (from a cache): centre (LayerNorm),
         divide by `scale`, multiply by the weight. The bias belongs to no component and is left

@@ -97,8 +97,10 @@ def dissect(model, text: str, *, layer: Optional[int] = None, head: Optional[int
     for l in range(cfg.n_layers):
         names |= {f"blocks.{l}.hook_resid_pre", f"blocks.{l}.hook_resid_post",
                   f"blocks.{l}.attn.hook_q"}
-        if not cfg.attn_only:
-            names |= {f"blocks.{l}.hook_resid_mid", f"blocks.{l}.mlp.hook_post"}
+        if cfg.has_mlp:
+            names.add(f"blocks.{l}.mlp.hook_post")
+        if cfg.has_resid_mid:
+            names.add(f"blocks.{l}.hook_resid_mid")
         if l in layers:
             names.add(f"blocks.{l}.attn.hook_pattern")
     with torch.no_grad():
@@ -113,7 +115,7 @@ def dissect(model, text: str, *, layer: Optional[int] = None, head: Optional[int
         b = BlockDissection(
             layer=l, resid_pre_norm=norm(f"blocks.{l}.hook_resid_pre"),
             resid_post_norm=norm(f"blocks.{l}.hook_resid_post"),
-            resid_mid_norm=None if cfg.attn_only else norm(f"blocks.{l}.hook_resid_mid"),
+            resid_mid_norm=norm(f"blocks.{l}.hook_resid_mid") if cfg.has_resid_mid else None,
             qkv_shape=(q.shape[0], q.shape[2], q.shape[1], q.shape[3]), qkv_hook_shape=tuple(q.shape),
             heads=heads if l in layers else [],
             patterns=cache["pattern", l][0, heads].float() if l in layers else None)

@@ -19,12 +19,12 @@ import torch.distributed as dist
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lens import sites
 from lens.cache import run_with_cache
 
 FORMAT = "lens-harvest/1"
 MANIFEST = "manifest.json"
 STATS = "stats.safetensors"
-_PATTERNS = ("hook_pattern", "hook_attn_scores")
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
@@ -162,8 +162,8 @@ def _mmap_tensors(path: Path) -> dict[str, Tensor]:
 def _flat(name: str, act: Tensor) -> Tensor:
     """[batch, pos, ...] → [batch*pos, ...]; patterns [batch, n_heads, query_pos, key_pos] →
     [batch*query_pos, n_heads, key_pos]."""
-    if name.endswith(_PATTERNS):
-        act = act.transpose(1, 2)
+    if sites.pos_axis(name) != 1:
+        act = act.transpose(1, sites.pos_axis(name))
     return act.reshape(-1, *act.shape[2:])
 
 

@@ -12,18 +12,19 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lens import sites
 from lens.cache import act_name
 from lens.model import HookedGPT
 
 Metric = Callable[[Tensor], Union[Tensor, float]]
 Patch = tuple[Optional[int], Optional[int]]  # (position, head); None patches the whole axis
 
-# site short name -> (position axis, head axis) of its activation [batch, ...]
+# site short name -> (position axis, head axis) of its activation [batch, ...], from the sites
+# table; for patterns the positions are query positions
 SITES: dict[str, tuple[int, Optional[int]]] = {
-    **{s: (1, None) for s in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "pre", "post")},
-    **{s: (1, 2) for s in ("z", "q", "k", "v", "result")},
-    "pattern": (2, 1),  # [batch, n_heads, query_pos, key_pos]: positions are query positions
-}
+    s: (sites.pos_axis(sites.name(s, 0)), sites.head_axis(sites.name(s, 0)))
+    for s in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "pre", "post",
+              "z", "q", "k", "v", "result", "pattern")}
 PERS = ("layer", "layer_pos", "head", "head_pos")
 DIRECTIONS = ("clean_to_corrupted", "corrupted_to_clean")
 _MLP_SITES = ("resid_mid", "mlp_out", "pre", "post")
@@ -82,9 +83,14 @@ def _runs(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
 
 
 def _check_site(model: HookedGPT, site: str, per: str) -> None:
-    valid_sites = [s for s in SITES if not (model.cfg.attn_only and s in _MLP_SITES)]
+    cfg = model.cfg
+    valid_sites = [s for s in SITES if (cfg.has_mlp or s not in _MLP_SITES)
+                   and (cfg.has_resid_mid or s != "resid_mid")]
     if site not in valid_sites:
-        extra = " (the model is attention-only)" if site in SITES else ""
+        extra = ""
+        if site in SITES:
+            extra = " (the model is attention-only)" if not cfg.has_mlp else \
+                " (attention and MLP run in parallel: there is no resid_mid)"
         raise ValueError(f"unknown site {site!r}{extra}; valid sites are {valid_sites}")
     valid = PERS if SITES[site][1] is not None else PERS[:2]
     if per not in valid:

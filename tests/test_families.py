@@ -1,0 +1,391 @@
+"""Every HF family against transformers on random checkpoints the tests create: log-probs
+(processed and not, both config.json layouts), bfloat16, greedy generation, a zeroed head; and
+the residual stream's identities, DLA, the KV cache and each analysis module on every family."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+import lens
+from lens.attribution import direct_logit_attribution, dla_hook_names
+from lens.loading import config_from_hf, from_pretrained
+
+SIZE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            vocab_size=101, max_position_embeddings=64)
+# family -> (config class, model class, options), each with what makes it that family; windows
+# are shorter than the test sequences
+FAMILIES = {
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, dict(num_key_value_heads=2)),
+    "llama3": (T.LlamaConfig, T.LlamaForCausalLM, dict(
+        num_key_value_heads=1, tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=5,
+                                                            head_dim=16)),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(num_key_value_heads=2)),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(num_key_value_heads=2, head_dim=24)),
+    "pythia": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, dict(rotary_pct=0.25)),
+    "neox_sequential": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, dict(use_parallel_residual=False,
+                                                                    rotary_pct=0.5)),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, dict(num_key_value_heads=2, sliding_window=6,
+                                                   partial_rotary_factor=0.5, pad_token_id=0,
+                                                   bos_token_id=1, eos_token_id=2)),
+}
+NAMES = list(FAMILIES)
+_BUILT: dict = {}
+
+
+def random_hf(name: str, seed: int = 0):
+    """A random HF model of the family in eval mode, norm weights away from 1 and biases away
+    from 0 (HF initialises them to 1 and 0, which would hide folding mistakes)."""
+    config_cls, model_cls, options = FAMILIES[name]
+    torch.manual_seed(seed)
+    hf = model_cls(config_cls(**{**SIZE, **options})).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n or "layernorm" in n:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return hf
+
+
+def transformers4_layout(folder: Path) -> None:
+    """Rewrite config.json as transformers 4 wrote it (and as checkpoints on the hub carry it):
+    top-level rope_theta / rope_scaling, Pythia's rotary_pct / rotary_emb_base, no layer_types."""
+    d = json.loads((folder / "config.json").read_text())
+    params = d.pop("rope_parameters", None) or {}
+    d.pop("layer_types", None)
+    theta = params.get("rope_theta", 10000.0)
+    fraction = params.get("partial_rotary_factor")
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if d["model_type"] == "gpt_neox":
+        d["rotary_emb_base"], d["rotary_pct"] = theta, fraction
+    else:
+        d["rope_theta"] = theta
+        if fraction is not None:
+            d["partial_rotary_factor"] = fraction
+    d["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else \
+        {**{k: v for k, v in scaling.items() if k != "rope_type"}, "rope_type": scaling["rope_type"]}
+    d["torch_dtype"] = d.pop("dtype", "float32")
+    (folder / "config.json").write_text(json.dumps(d))
+
+
+def checkpoint(name: str, tmp_path_factory, layout: str = "v5"):
+    """(hf model, folder) for a family, built once per test session."""
+    key = (name, layout)
+    if key not in _BUILT:
+        hf = random_hf(name)
+        folder = tmp_path_factory.mktemp(f"{name}_{layout}")
+        hf.save_pretrained(folder)
+        if layout == "v4":
+            transformers4_layout(folder)
+        _BUILT[key] = (hf, folder)
+    return _BUILT[key]
+
+
+def tokens(batch: int = 2, pos: int = 14, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, SIZE["vocab_size"], (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_log_probs(hf, toks, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(toks, **kwargs).logits.float().log_softmax(-1)
+
+
+def lens_log_probs(model, toks, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.run_with_hooks(toks, **kwargs).float().log_softmax(-1)
+
+
+# ---------------------------------------------------------------------- parity with HF
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("process", [False, True])
+@pytest.mark.parametrize("layout", ["v5", "v4"])
+def test_log_probs_match_hf(tmp_path_factory, name, process, layout):
+    hf, folder = checkpoint(name, tmp_path_factory, layout)
+    model = from_pretrained(folder, process=process)
+    toks = tokens()
+    assert (lens_log_probs(model, toks) - hf_log_probs(hf, toks)).abs().max() <= 1e-4
+    assert model.cfg.normalization.endswith("Pre") == process
+    if not process:  # no processing: HF's activations exactly, the residual stream included
+        _, cache = model.run_with_cache(toks, names_filter=lambda n: n.endswith("resid_post"))
+        with torch.no_grad():
+            states = hf(toks, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(cache["resid_post", 0], states[1], atol=1e-5, rtol=1e-5)
+
+
+def test_config_layouts_give_the_same_spec(tmp_path_factory):
+    for name in NAMES:
+        v5 = from_pretrained(checkpoint(name, tmp_path_factory, "v5")[1], process=False).cfg
+        v4 = from_pretrained(checkpoint(name, tmp_path_factory, "v4")[1], process=False).cfg
+        assert v5 == v4, name
+
+
+def test_specs_state_what_each_family_is(tmp_path_factory):
+    spec = {n: from_pretrained(checkpoint(n, tmp_path_factory)[1], process=False).cfg for n in NAMES}
+    assert spec["llama"].n_kv_heads == 2 and spec["llama"].gated_mlp and spec["llama"].normalization == "RMS"
+    assert spec["llama3"].rope_scaling["type"] == "llama3" and spec["llama3"].tied_embeddings
+    assert spec["mistral"].window == 5 and spec["mistral"].windowed_layers is None
+    assert spec["qwen2"].attn_bias and not spec["qwen2"].attn_out_bias
+    assert spec["qwen3"].qk_norm == "head" and spec["qwen3"].d_head * 4 != 64
+    assert spec["pythia"].parallel_attn_mlp and spec["pythia"].rotary_dim == 4
+    assert not spec["neox_sequential"].parallel_attn_mlp and spec["neox_sequential"].rotary_dim == 8
+    assert spec["phi3"].rotary_dim == 8 and spec["phi3"].window == 6
+    assert all(not s.positional_embedding for s in spec.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_within_hf_bfloat16_deviation(tmp_path_factory, name):
+    """lens in bf16 no further from float32 than HF's own bf16 run is (1.5x, or two bf16 ulps
+    of a log-prob of ~8)."""
+    hf, folder = checkpoint(name, tmp_path_factory)
+    toks = tokens()
+    exact = hf_log_probs(hf, toks)
+    hf16 = random_hf(name).to(torch.bfloat16)
+    hf_dev = (hf_log_probs(hf16, toks) - exact).abs().max()
+    model = from_pretrained(folder, dtype=torch.bfloat16, process=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    lens_dev = (lens_log_probs(model, toks) - exact).abs().max()
+    assert lens_dev <= max(1.5 * hf_dev, 0.0625), (float(lens_dev), float(hf_dev))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generation_with_kv_cache_matches_hf(tmp_path_factory, name):
+    hf, folder = checkpoint(name, tmp_path_factory)
+    model = from_pretrained(folder)
+    prompt = tokens(batch=1, pos=4, seed=5)
+    with torch.no_grad():
+        expected = hf.generate(prompt, do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                               pad_token_id=0)
+    got = model.generate(prompt, 12, temperature=0, stop_at_eos=False)
+    assert torch.equal(got, expected)
+
+
+def _o_proj(hf, layer: int):
+    if hasattr(hf, "gpt_neox"):
+        return hf.gpt_neox.layers[layer].attention.dense
+    return hf.model.layers[layer].self_attn.o_proj
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zeroed_head_matches_hf_with_its_output_slice_zeroed(tmp_path_factory, name):
+    hf, folder = checkpoint(name, tmp_path_factory)
+    model = from_pretrained(folder, process=False)
+    toks, layer, head, E = tokens(), 1, 2, model.cfg.d_head
+
+    def zero(z, hook):
+        z[:, :, head] = 0
+
+    def zero_slice(module, args):
+        x = args[0].clone()
+        x[..., head * E:(head + 1) * E] = 0
+        return (x,)
+
+    handle = _o_proj(hf, layer).register_forward_pre_hook(zero_slice)
+    try:
+        expected = hf_log_probs(hf, toks)
+    finally:
+        handle.remove()
+    got = lens_log_probs(model, toks, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)])
+    assert (got - expected).abs().max() <= 1e-4
+    assert (expected - hf_log_probs(hf, toks)).abs().max() > 1e-3  # the head mattered
+
+
+# ---------------------------------------------------------------------- the residual stream
+@pytest.fixture(params=NAMES)
+def family_model(request, tmp_path_factory):
+    """A float64 lens model of each family, unprocessed."""
+    return from_pretrained(checkpoint(request.param, tmp_path_factory)[1], process=False,
+                           dtype=torch.float64), request.param
+
+
+def test_residual_identities(family_model):
+    model, name = family_model
+    toks = tokens()
+    _, cache = model.run_with_cache(toks)
+    cfg = model.cfg
+    for l in range(cfg.n_layers):
+        pre, attn, mlp = cache["resid_pre", l], cache["attn_out", l], cache["mlp_out", l]
+        torch.testing.assert_close(cache["resid_post", l], pre + attn + mlp, atol=1e-12, rtol=0)
+        if cfg.has_resid_mid:
+            torch.testing.assert_close(cache["resid_mid", l], pre + attn, atol=1e-12, rtol=0)
+        else:
+            assert f"blocks.{l}.hook_resid_mid" not in model.hook_dict
+        b_O = model.b_O[l]
+        torch.testing.assert_close(cache["result", l].sum(-2) + b_O, attn, atol=1e-12, rtol=0)
+        assert cache["k", l].shape[-2] == cfg.n_kv_heads and cache["q", l].shape[-2] == cfg.n_heads
+    final = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+    torch.testing.assert_close(cache.decompose_resid(layer=None).sum(0), final, atol=1e-12, rtol=0)
+    torch.testing.assert_close(cache.accumulated_resid(layer=None)[-1], final)
+    # stop_at_layer / start_at_layer round-trip
+    mid = model(toks, stop_at_layer=1)
+    torch.testing.assert_close(mid, cache["resid_pre", 1])
+    torch.testing.assert_close(model(mid, start_at_layer=1), cache["hook_logits"], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("process", [False, True])
+@pytest.mark.parametrize("per", ["layer", "head", "neuron"])
+def test_dla_plus_its_constants_is_the_logit_difference(tmp_path_factory, process, per):
+    for name in NAMES:
+        model = from_pretrained(checkpoint(name, tmp_path_factory)[1], process=process,
+                                dtype=torch.float64)
+        toks = tokens()
+        logits, cache = model.run_with_cache(toks, names_filter=dla_hook_names(model, per))
+        attr = direct_logit_attribution(model, cache, answer_tokens=[3, 4], wrong_tokens=[5, 6], per=per)
+        expected = logits[:, -1, [3, 4]].diagonal() - logits[:, -1, [5, 6]].diagonal()
+        torch.testing.assert_close(attr.logit_diff, expected, atol=1e-9, rtol=0, msg=name)
+        torch.testing.assert_close(attr.values.sum(0) + attr.constant, expected, atol=1e-9, rtol=0,
+                                   msg=name)
+
+
+def test_apply_ln_to_stack_sums_to_the_normalised_stream(family_model):
+    model, _ = family_model
+    _, cache = model.run_with_cache(tokens())
+    stack = cache.decompose_resid(layer=None, apply_ln=True)
+    ln = model.ln_final
+    want = ln.plain(cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"])
+    if ln.b is not None:
+        want = want - ln.b
+    torch.testing.assert_close(stack.sum(0), want, atol=1e-10, rtol=0)
+
+
+def test_kv_cache_generation_equals_no_cache_with_hooks(family_model):
+    model, _ = family_model
+    steer = torch.randn(model.cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def add(resid, hook):
+        return resid + 0.5 * steer * (hook.positions == 3)[..., None]
+
+    prompt = tokens(batch=2, pos=5, seed=7)
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0  # left padding in the second row
+    runs = [model.generate(prompt, 9, temperature=0, stop_at_eos=False, attention_mask=mask,
+                           use_kv_cache=kv, fwd_hooks=[("blocks.1.hook_resid_pre", add)])
+            for kv in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_sliding_window_pattern_is_zero_outside_the_window(tmp_path_factory):
+    for name in ("mistral", "phi3"):
+        model = from_pretrained(checkpoint(name, tmp_path_factory)[1])
+        w = model.cfg.window
+        _, cache = model.run_with_cache(tokens(), names_filter=lambda n: n.endswith("hook_pattern"))
+        q, k = torch.meshgrid(torch.arange(14), torch.arange(14), indexing="ij")
+        outside = (k > q) | (k <= q - w)
+        for l in range(model.cfg.n_layers):
+            p = cache["pattern", l]
+            assert float(p[..., outside].abs().max()) == 0.0
+            assert float(p[..., ~outside].min()) > 0
+        # generation with the KV cache sees the same window
+        prompt = tokens(batch=1, pos=3, seed=2)
+        assert torch.equal(model.generate(prompt, 11, temperature=0, stop_at_eos=False),
+                           model.generate(prompt, 11, temperature=0, stop_at_eos=False, use_kv_cache=False))
+
+
+def test_gqa_hooks_and_circuits(tmp_path_factory):
+    model = from_pretrained(checkpoint("llama", tmp_path_factory)[1], process=False)
+    cfg = model.cfg
+    _, cache = model.run_with_cache(tokens(), names_filter=lambda n: "blocks.0." in n)
+    assert cache["blocks.0.hook_k_input"].shape[-2] == cfg.n_kv_heads
+    assert cache["blocks.0.hook_q_input"].shape[-2] == cfg.n_heads
+    assert cache["rot_k", 0].shape == cache["k", 0].shape
+    assert cache["pre_linear", 0].shape == cache["pre", 0].shape if "pre_linear" in cache else True
+    assert "blocks.0.mlp.hook_pre_linear" in model.hook_dict
+    OV = model.OV
+    assert OV.shape == (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_model)
+    # query heads 0 and 1 share key/value head 0
+    torch.testing.assert_close(OV.A[0, 0], OV.A[0, 1])
+    assert not torch.equal(OV.A[0, 0], OV.A[0, 2])
+
+
+# ---------------------------------------------------------------------- analysis on every family
+def test_analysis_modules_run_on_every_family(family_model, tmp_path):
+    from lens import ablation, patching
+    from lens.attribution import logit_lens
+    from lens.harvest import harvest
+    model, name = family_model
+    clean, corrupted = tokens(seed=3), tokens(seed=4)
+
+    def metric(logits):
+        return logits[:, -1, 3] - logits[:, -1, 4]
+
+    result = patching.activation_patch(model, clean, corrupted, metric, site="z", per="head",
+                                       progress=False)
+    assert result.values.shape == (model.cfg.n_layers, model.cfg.n_heads)
+    naive = []
+    _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_z"))
+    for l in range(model.cfg.n_layers):
+        for h in range(model.cfg.n_heads):
+            def put(z, hook, h=h, l=l):
+                z[:, :, h] = clean_cache["z", l][:, :, h]
+            naive.append(metric(model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{l}.attn.hook_z", put)])).mean())
+    torch.testing.assert_close(result.values.flatten().double(), torch.stack(naive).detach(),
+                               atol=1e-5, rtol=0)
+    estimate = patching.attribution_patch(model, clean, corrupted, metric, site="resid_pre",
+                                          per="layer_pos", progress=False)
+    assert estimate.values.shape == (model.cfg.n_layers, clean.shape[1])
+    hooks = ablation.ablate_heads([(0, 1), (1, 3)])
+    assert not torch.equal(model.run_with_hooks(clean, fwd_hooks=hooks), model(clean))
+    lens_result = logit_lens(model, tokens=clean)
+    torch.testing.assert_close(lens_result.log_probs[-1], model(clean)[:, -1].log_softmax(-1))
+    names = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
+    h = harvest(model, clean, names, tmp_path / "h", batch_size=1, progress=False)
+    torch.testing.assert_close(h.read(names[1]).tensor().reshape(-1, model.cfg.d_mlp).double(),
+                               model.run_with_cache(clean)[1]["post", 1].reshape(-1, model.cfg.d_mlp))
+    model.tokenizer = None
+    from lens.dissect import dissect
+    with pytest.raises(ValueError):
+        dissect(model, "no tokenizer")
+
+
+# ---------------------------------------------------------------------- bad input
+def _llama_config(**changes) -> dict:
+    return {**T.LlamaConfig(**SIZE).to_dict(), **changes}
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters type 'yarn'"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling type 'dynamic'"),
+    ({"hidden_act": "gelu_fast_new"}, "hidden_act='gelu_fast_new'"),
+    ({"sliding_window": 8}, "sliding_window=8"),
+    ({"quantization_config": {"bits": 4}}, "quantization_config={'bits': 4}"),
+    ({"layer_types": ["full_attention", "chunked_attention"]}, "layer_types ['chunked_attention']"),
+])
+def test_unimplemented_options_are_refused_by_name(changes, named):
+    with pytest.raises(ValueError, match="options lens does not implement") as e:
+        config_from_hf(_llama_config(**changes))
+    assert named in str(e.value)
+
+
+def test_mismatched_checkpoint_lists_every_problem(tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+    hf, folder = checkpoint("qwen2", tmp_path_factory)
+    bad = tmp_path_factory.mktemp("bad_qwen2")
+    for f in folder.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    sd = load_file(bad / "model.safetensors")
+    del sd["model.layers.1.self_attn.k_proj.bias"]
+    sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"][:90]
+    sd["model.layers.0.extra.weight"] = torch.zeros(3)
+    save_file(sd, bad / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        from_pretrained(bad)
+    msg = str(e.value)
+    assert "missing tensors (1): model.layers.1.self_attn.k_proj.bias (32,)" in msg
+    assert "unexpected tensors (1): model.layers.0.extra.weight (3,)" in msg
+    assert "mis-shaped tensors (1): model.layers.0.mlp.up_proj.weight: expected (96, 64), got (90, 64)" in msg
+
+
+def test_tied_unembedding_stays_tied_until_processing(tmp_path_factory):
+    folder = checkpoint("llama3", tmp_path_factory)[1]
+    model = from_pretrained(folder, process=False)
+    assert model.cfg.tied_embeddings and "unembed.W_U" not in dict(model.named_parameters())
+    assert model.W_U.data_ptr() == model.W_E.data_ptr()
+    processed = from_pretrained(folder)
+    assert not processed.cfg.tied_embeddings and "unembed.W_U" in dict(processed.named_parameters())
