@@ -98,6 +98,103 @@ def test_hand_computed_forward_at_every_hook_point(attn_only):
     torch.testing.assert_close(logits[0].double(), expected["hook_logits"], atol=1e-5, rtol=1e-5)
 
 
+LLAMA_STYLE = dict(d_model=12, n_heads=4, n_kv_heads=2, d_head=4, d_mlp=10, d_vocab=11, n_ctx=8,
+                   normalization="RMS", positional_embedding=False, rotary_dim=4, rotary_base=100.0,
+                   gated_mlp=True, act_fn="silu", attn_bias=False, attn_out_bias=False,
+                   mlp_bias=False, eps=1e-6)
+
+
+def by_hand_llama(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every activation of one sequence of a Llama-style model (RMSNorm, rotary positions,
+    grouped-query attention, a SwiGLU MLP), in float64 with explicit loops, from the equations:
+    rms(x) = sqrt(mean(x²) + eps); rotary turns dims (i, i + r/2) of each head by p·base^(-2i/r);
+    query head h reads key/value head h // (n_heads / n_kv_heads)."""
+    cfg = model.cfg
+    P = {k: v.detach().double() for k, v in model.state_dict().items()}
+    acts = {}
+    n, H, KV, E, r = tokens.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.rotary_dim
+
+    def rms(x, name):
+        scale = (x ** 2).mean(-1, keepdim=True).add(cfg.eps).sqrt()
+        acts[f"{name}.hook_scale"], acts[f"{name}.hook_normalized"] = scale, x / scale
+        return x / scale * P[f"{name}.w"]
+
+    def rotate(vec, p):
+        out = vec.clone()
+        for i in range(r // 2):
+            angle = p * cfg.rotary_base ** (-2 * i / r)
+            a, b = vec[i], vec[i + r // 2]
+            out[i] = a * math.cos(angle) - b * math.sin(angle)
+            out[i + r // 2] = b * math.cos(angle) + a * math.sin(angle)
+        return out
+
+    x = torch.stack([P["embed.W_E"][t] for t in tokens.tolist()])
+    acts["hook_embed"] = x
+    for l in range(cfg.n_layers):
+        b = f"blocks.{l}"
+        acts[f"{b}.hook_resid_pre"] = x
+        xn = rms(x, f"{b}.ln1")
+        q = torch.zeros(n, H, E, dtype=torch.float64)
+        k, v = torch.zeros(n, KV, E, dtype=torch.float64), torch.zeros(n, KV, E, dtype=torch.float64)
+        rq, rk, z = q.clone(), k.clone(), q.clone()
+        for p in range(n):
+            for h in range(H):
+                q[p, h] = xn[p] @ P[f"{b}.attn.W_Q"][h]
+                rq[p, h] = rotate(q[p, h], p)
+            for g in range(KV):
+                k[p, g] = xn[p] @ P[f"{b}.attn.W_K"][g]
+                v[p, g] = xn[p] @ P[f"{b}.attn.W_V"][g]
+                rk[p, g] = rotate(k[p, g], p)
+        scores = torch.full((H, n, n), -math.inf, dtype=torch.float64)
+        pattern = torch.zeros(H, n, n, dtype=torch.float64)
+        result = torch.zeros(n, H, cfg.d_model, dtype=torch.float64)
+        for h in range(H):
+            g = h // (H // KV)
+            for i in range(n):
+                for j in range(i + 1):
+                    scores[h, i, j] = float(rq[i, h] @ rk[j, g]) / math.sqrt(E)
+                e = torch.exp(scores[h, i, : i + 1] - scores[h, i, : i + 1].max())
+                pattern[h, i, : i + 1] = e / e.sum()
+                z[i, h] = sum(pattern[h, i, j] * v[j, g] for j in range(i + 1))
+                result[i, h] = z[i, h] @ P[f"{b}.attn.W_O"][h]
+        attn_out = result.sum(1)
+        acts.update({f"{b}.attn.hook_q": q, f"{b}.attn.hook_k": k, f"{b}.attn.hook_v": v,
+                     f"{b}.attn.hook_rot_q": rq, f"{b}.attn.hook_rot_k": rk,
+                     f"{b}.attn.hook_attn_scores": scores, f"{b}.attn.hook_pattern": pattern,
+                     f"{b}.attn.hook_z": z, f"{b}.attn.hook_result": result,
+                     f"{b}.hook_attn_out": attn_out,
+                     f"{b}.hook_q_input": x[:, None, :].expand(n, H, cfg.d_model),
+                     f"{b}.hook_k_input": x[:, None, :].expand(n, KV, cfg.d_model),
+                     f"{b}.hook_v_input": x[:, None, :].expand(n, KV, cfg.d_model)})
+        x = x + attn_out
+        acts[f"{b}.hook_resid_mid"] = acts[f"{b}.hook_mlp_in"] = x
+        xn = rms(x, f"{b}.ln2")
+        gate = xn @ P[f"{b}.mlp.W_gate"]
+        up = xn @ P[f"{b}.mlp.W_in"]
+        post = gate / (1 + torch.exp(-gate)) * up
+        mlp_out = post @ P[f"{b}.mlp.W_out"]
+        acts.update({f"{b}.mlp.hook_pre": gate, f"{b}.mlp.hook_pre_linear": up,
+                     f"{b}.mlp.hook_post": post, f"{b}.hook_mlp_out": mlp_out})
+        x = x + mlp_out
+        acts[f"{b}.hook_resid_post"] = x
+    x = rms(x, "ln_final")
+    acts["hook_logits"] = x @ P["unembed.W_U"] + P["unembed.b_U"]
+    return acts
+
+
+def test_hand_computed_llama_style_forward_at_every_hook_point():
+    model = make_model(**LLAMA_STYLE)
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    expected = by_hand_llama(model, tokens[0])
+    logits, cache = model.run_with_cache(tokens)
+    assert set(expected) == set(cache), set(expected) ^ set(cache)
+    for name, want in expected.items():
+        got = cache[name][0].double()
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(logits[0].double(), expected["hook_logits"], atol=1e-5, rtol=1e-5)
+
+
 def test_weight_shapes_follow_the_paper(model):
     cfg = model.cfg
     a = model.blocks[0].attn
