@@ -9,10 +9,9 @@ from typing import Optional, Union
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lens import sites
+from lens import io, sites
 
 PosSlice = Union[None, int, slice, Sequence[int], Tensor]
 
@@ -179,20 +178,12 @@ class ActivationCache(Mapping):
 
     def save(self, path) -> None:
         """Save as safetensors (metadata records whether a batch dim is present)."""
-        tensors, seen = {}, set()
-        for k, v in self.cache_dict.items():
-            ptr = v.untyped_storage().data_ptr()
-            v = v.detach().cpu().contiguous()
-            tensors[k] = v.clone() if ptr in seen else v  # safetensors refuses shared storage
-            seen.add(ptr)
-        save_file(tensors, str(path), metadata={"has_batch_dim": str(self.has_batch_dim)})
+        io.write(self.cache_dict, path, metadata={"has_batch_dim": str(self.has_batch_dim)})
 
     @classmethod
     def load(cls, path, model) -> "ActivationCache":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        f = io.SafetensorsFile(path)
+        meta, tensors = f.metadata, f.read_all()
         unknown = [k for k in tensors if k.removesuffix("_grad") not in model.hook_dict]
         if unknown:
             raise ValueError(f"{path} holds activations {unknown[:5]} that are not hook points of "

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import queue
-import struct
 import threading
 from pathlib import Path
 from typing import Optional
@@ -19,15 +18,12 @@ import torch.distributed as dist
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from lens import sites
+from lens import io, sites
 from lens.cache import run_with_cache
 
 FORMAT = "lens-harvest/1"
 MANIFEST = "manifest.json"
 STATS = "stats.safetensors"
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _STAT_CHUNK = 2**18  # elements per float64 chunk when summing a shard
 
 
@@ -109,23 +105,6 @@ def _lens_version() -> str:
         return "unknown"
 
 
-def _write_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
-    """A safetensors file written straight from the tensors' memory (no serialised copy)."""
-    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))  # keeps alignment
-    header, offset = {"__metadata__": metadata}, 0
-    for n in names:
-        t = tensors[n]
-        header[n] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                     "data_offsets": [offset, offset + t.numel() * t.element_size()]}
-        offset = header[n]["data_offsets"][1]
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for n in names:
-            f.write(tensors[n].contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
 def _atomic(path: Path, write) -> None:
     """write(tmp_path) then fsync and rename over path; the temp file never outlives a failure."""
     tmp = path.with_name(path.name + ".tmp")
@@ -143,20 +122,12 @@ def _write_json(path: Path, obj: dict) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
+_write_safetensors = io.write  # one name in this module, so tests can make the disk fill up
+
+
 def _mmap_tensors(path: Path) -> dict[str, Tensor]:
     """Every tensor of a safetensors file as a zero-copy view of the memory-mapped file."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    storage = torch.UntypedStorage.from_file(str(path), False, path.stat().st_size)
-    out = {}
-    for name, info in header.items():
-        if name != "__metadata__":
-            dtype, start = _ST_DTYPES[info["dtype"]], 8 + n + info["data_offsets"][0]
-            assert start % dtype.itemsize == 0, f"{path}: {name} is not aligned for a view"
-            view = torch.empty(0, dtype=dtype)
-            out[name] = view.set_(storage, start // dtype.itemsize, info["shape"])
-    return out
+    return io.SafetensorsFile(path).mmap()
 
 
 def _flat(name: str, act: Tensor) -> Tensor:

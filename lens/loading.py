@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from lens import families
+from lens import families, io
 from lens.config import GPTConfig
 from lens.families import gpt2
 from lens.model import HookedGPT
@@ -125,53 +124,6 @@ def _torch_load(path: Path) -> dict:
     return sd
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class _SafetensorsFile:
-    """Tensors of a .safetensors file read with plain file reads, one at a time, into fresh
-    memory: nothing is memory-mapped, so the file's pages never count toward the process."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= size - 8:
-                raise ValueError(f"{path} is not a safetensors file (header length {n}, file size {size})")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: malformed safetensors header ({e})") from None
-        header.pop("__metadata__", None)
-        self.entries: dict[str, tuple] = {}
-        for k, e in header.items():
-            start, stop = e["data_offsets"]
-            dtype = _ST_DTYPES.get(e["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {k} has unsupported dtype {e['dtype']}")
-            count = math.prod(e["shape"])
-            if stop - start != count * dtype.itemsize or 8 + n + stop > size:
-                raise ValueError(f"{path}: tensor {k} has inconsistent offsets {e['data_offsets']}")
-            self.entries[k] = (dtype, tuple(e["shape"]), 8 + n + start, count)
-
-    def keys(self):
-        return self.entries.keys()
-
-    def shape(self, key: str) -> tuple:
-        return self.entries[key][1]
-
-    def get(self, key: str) -> Tensor:
-        dtype, shape, offset, count = self.entries[key]
-        out = torch.empty(count, dtype=dtype)
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            f.readinto(out.view(torch.uint8).numpy() if count else bytearray())
-        return out.view(shape)
-
-
 class _Source:
     """A checkpoint's tensors, read one at a time: safetensors with plain reads, .bin files
     through a memory map. Shapes are known without reading any tensor."""
@@ -182,7 +134,7 @@ class _Source:
         self.dtypes: dict[str, torch.dtype] = {}
         for f in files:
             if f.suffix == ".safetensors":
-                handle = _SafetensorsFile(f)
+                handle = io.SafetensorsFile(f)
                 for k in handle.keys():
                     self.where[k], self.shapes[k] = handle, handle.shape(k)
                     self.dtypes[k] = handle.entries[k][0]
@@ -412,6 +364,6 @@ def save(model: HookedGPT, path: PathLike, storage_dtype: Optional[torch.dtype] 
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", storage_dtype or v.dtype).contiguous()
                for k, v in model.state_dict().items()}
-    save_file(tensors, str(path / LENS_WEIGHTS), metadata={"format": "pt"})
+    io.write(tensors, path / LENS_WEIGHTS, metadata={"format": "pt"})
     (path / LENS_CONFIG).write_text(model.cfg.to_json() + "\n", encoding="utf-8")
     return path
