@@ -2,6 +2,7 @@
 
 from lens import ablation, attribution, circuits, patching
 from lens.cache import ActivationCache, act_name
+from lens.check import CheckReport, check
 from lens.config import GPTConfig
 from lens.dissect import dissect
 from lens.factored import FactoredMatrix
@@ -9,5 +10,6 @@ from lens.harvest import Harvest, HarvestDataset, harvest
 from lens.hooks import HookPoint
 from lens.model import HookedGPT
 
-__all__ = ["ActivationCache", "FactoredMatrix", "GPTConfig", "Harvest", "HarvestDataset", "HookPoint", "HookedGPT", "ablation",
-           "act_name", "attribution", "circuits", "dissect", "harvest", "patching"]
+__all__ = ["ActivationCache", "CheckReport", "FactoredMatrix", "GPTConfig", "Harvest", "HarvestDataset",
+           "HookPoint", "HookedGPT", "ablation", "act_name", "attribution", "check", "circuits",
+           "dissect", "harvest", "patching"]

@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lens import sites
 from lens.cache import ActivationCache
 
 Tokens = Union[int, str, Sequence, Tensor]
@@ -74,7 +75,7 @@ def _final_stream(model, cache: ActivationCache) -> Float[Tensor, "batch pos d_m
     if not cache.has_batch_dim:
         raise ValueError("this needs a cache with its batch axis (run_with_cache without "
                          "remove_batch_dim)")
-    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    resid = cache[sites.name("resid_post", model.cfg.n_layers - 1)]
     if resid.ndim != 3:
         raise ValueError(f"the cached stream has shape {tuple(resid.shape)}; attribution needs "
                          "[batch, pos, d_model] (run_with_cache without pos_slice)")
@@ -175,14 +176,14 @@ def direct_logit_attribution(model, cache: ActivationCache, answer_tokens: Token
     if per in ("head", "neuron"):
         for l in range(cfg.n_layers):
             if per == "head":
-                z = at(f"blocks.{l}.attn.hook_z")  # [batch, n_heads, d_head]
+                z = at(sites.name("z", l))  # [batch, n_heads, d_head]
                 W_O = _like(model.blocks[l].attn.W_O, z)
                 values.append(torch.einsum("bhe,hed,bd->hb", z, W_O, read))
                 labels += [f"L{l}H{h}" for h in range(cfg.n_heads)]
             else:
                 if cfg.attn_only:
                     raise ValueError("per='neuron' on an attention-only model: it has no neurons")
-                post = at(f"blocks.{l}.mlp.hook_post")  # [batch, d_mlp]
+                post = at(sites.name("post", l))  # [batch, d_mlp]
                 W_out = _like(model.blocks[l].mlp.W_out, post)
                 values.append((post * (read @ W_out.T)).T)
                 labels += [f"L{l}N{n}" for n in range(cfg.d_mlp)]
@@ -204,8 +205,8 @@ def direct_logit_attribution(model, cache: ActivationCache, answer_tokens: Token
             values.append(embed)
             labels.append("embed")
         for l in range(cfg.n_layers):
-            attn = dot(f"blocks.{l}.hook_attn_out")
-            mlp = None if not cfg.has_mlp else dot(f"blocks.{l}.hook_mlp_out")
+            attn = dot(sites.name("attn_out", l))
+            mlp = None if not cfg.has_mlp else dot(sites.name("mlp_out", l))
             if per == "layer":
                 values.append(attn if mlp is None else attn + mlp)
                 labels.append(f"L{l}")
@@ -224,19 +225,19 @@ def dla_hook_names(model, per: str = "layer") -> list[str]:
     if per not in PER:
         raise ValueError(f"per={per!r}; valid values are {PER}")
     cfg, L = model.cfg, model.cfg.n_layers
-    names = [f"blocks.{L - 1}.hook_resid_post"]
+    names = [sites.name("resid_post", L - 1)]
     if cfg.normalization is not None:
         names.append("ln_final.hook_scale")
     if per == "head":
-        names += [f"blocks.{l}.attn.hook_z" for l in range(L)]
+        names += [sites.name("z", l) for l in range(L)]
     elif per == "neuron":
-        names += [f"blocks.{l}.mlp.hook_post" for l in range(L)]
+        names += [sites.name("post", l) for l in range(L)]
     else:
         names += ["hook_embed"] + (["hook_pos_embed"] if cfg.positional_embedding else [])
         for l in range(L):
-            names.append(f"blocks.{l}.hook_attn_out")
+            names.append(sites.name("attn_out", l))
             if not cfg.attn_only:
-                names.append(f"blocks.{l}.hook_mlp_out")
+                names.append(sites.name("mlp_out", l))
     return names
 
 
@@ -282,7 +283,7 @@ def logit_lens(model, cache: Optional[ActivationCache] = None, pos: Pos = -1,
     LayerNorm (its own scale); freeze_scale=True divides by the final stream's cached scale
     instead. The last row equals the model's own log-probs. Give a cache, or tokens to run."""
     cfg, L = model.cfg, model.cfg.n_layers
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    names = [sites.name("resid_pre", l) for l in range(L)] + [sites.name("resid_post", L - 1)]
     if cache is None:
         if tokens is None:
             raise ValueError("logit_lens needs a cache or tokens=")

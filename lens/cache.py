@@ -201,9 +201,9 @@ class ActivationCache(Mapping):
 
     def _resid_at(self, layer: int, mlp_input: bool = False) -> Tensor:
         if layer == self.model.cfg.n_layers:
-            return self[f"blocks.{layer - 1}.hook_resid_post"]
+            return self[sites.name("resid_post", layer - 1)]
         mid = mlp_input and self.model.cfg.has_resid_mid
-        return self[f"blocks.{layer}.hook_resid_{'mid' if mid else 'pre'}"]
+        return self[sites.name("resid_mid" if mid else "resid_pre", layer)]
 
     def _pos(self, t: Tensor, pos_slice: PosSlice, dim: int) -> Tensor:
         return _index_dim(t, dim, pos_index(pos_slice))
@@ -217,11 +217,11 @@ class ActivationCache(Mapping):
         L = self.model.cfg.n_layers
         parts, labels = [], []
         for l in range(min(layer + 1, L)):
-            parts.append(self[f"blocks.{l}.hook_resid_pre"]); labels.append(f"{l}_pre")
+            parts.append(self[sites.name("resid_pre", l)]); labels.append(f"{l}_pre")
             if incl_mid and self.model.cfg.has_resid_mid and (l < layer or mlp_input):
-                parts.append(self[f"blocks.{l}.hook_resid_mid"]); labels.append(f"{l}_mid")
+                parts.append(self[sites.name("resid_mid", l)]); labels.append(f"{l}_mid")
         if layer == L:
-            parts.append(self[f"blocks.{L - 1}.hook_resid_post"]); labels.append("final_post")
+            parts.append(self[sites.name("resid_post", L - 1)]); labels.append("final_post")
         stack = self._pos(torch.stack(parts), pos_slice, 2 if self.has_batch_dim else 1)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
@@ -243,9 +243,9 @@ class ActivationCache(Mapping):
                 parts.append(self["hook_pos_embed"]); labels.append("pos_embed")
         for l in range(layer + (1 if mlp_input and layer < cfg.n_layers and cfg.has_resid_mid else 0)):
             if mode != "mlp":
-                parts.append(self[f"blocks.{l}.hook_attn_out"]); labels.append(f"{l}_attn_out")
+                parts.append(self[sites.name("attn_out", l)]); labels.append(f"{l}_attn_out")
             if mode != "attn" and not cfg.attn_only and l < layer:
-                parts.append(self[f"blocks.{l}.hook_mlp_out"]); labels.append(f"{l}_mlp_out")
+                parts.append(self[sites.name("mlp_out", l)]); labels.append(f"{l}_mlp_out")
         stack = self._pos(torch.stack(parts), pos_slice, 2 if self.has_batch_dim else 1)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
@@ -253,10 +253,10 @@ class ActivationCache(Mapping):
 
     def head_results(self, layer: int) -> Float[Tensor, "batch pos n_heads d_model"]:
         """Each head's write to the stream at `layer`: hook_result, or z @ W_O when only z is cached."""
-        name = f"blocks.{layer}.attn.hook_result"
+        name = sites.name("result", layer)
         if name in self.cache_dict:
             return self.cache_dict[name]
-        z = self[f"blocks.{layer}.attn.hook_z"]
+        z = self[sites.name("z", layer)]
         W_O = self.model.blocks[layer].attn.W_O.to(z.device, z.dtype)
         return torch.einsum("...hd,hdm->...hm", z, W_O)
 
@@ -293,7 +293,7 @@ class ActivationCache(Mapping):
         nidx = pos_index(neuron_slice)
         parts, labels = [], []
         for l in range(layer):
-            post = self._pos(self[f"blocks.{l}.mlp.hook_post"], pos_slice, pdim - 1)
+            post = self._pos(self[sites.name("post", l)], pos_slice, pdim - 1)
             W_out = self.model.blocks[l].mlp.W_out.to(post.device, post.dtype)
             ids = torch.arange(W_out.shape[0])[nidx]
             post, W_out = post[..., ids], W_out[ids]
@@ -312,7 +312,7 @@ class ActivationCache(Mapping):
         layer = self._layer(layer)
         if layer == self.model.cfg.n_layers:
             return self["ln_final.hook_scale"]
-        return self[f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"]
+        return self[sites.name("scale", layer, "ln2" if mlp_input else "ln1")]
 
     def apply_ln_to_stack(self, residual_stack: Float[Tensor, "... d_model"], layer: Optional[int] = None,
                           mlp_input: bool = False, pos_slice: PosSlice = None,

@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lens import sites
 from lens.cache import ActivationCache
 from lens.factored import FactoredMatrix
 
@@ -95,7 +96,7 @@ def random_composition_baseline(model, kind: str = "q", n_samples: int = 1000,
 
 # ---------------------------------------------------------------------- head detectors
 def _pattern_names(model) -> list[str]:
-    return [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    return [sites.name("pattern", l) for l in range(model.cfg.n_layers)]
 
 
 def _check_target(target: Tensor, batch: int, n_pos: int) -> Tensor:

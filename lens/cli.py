@@ -1,6 +1,8 @@
 """The `lens` command line: `lens dissect TEXT` walks one prompt through a model's forward pass
 (see lens.dissect), `lens harvest` writes activations over a dataset to disk (see
-lens.harvest), `lens demo` lists a small random model's hook points with their shapes."""
+lens.harvest), `lens check PATH` compares a checkpoint loaded by lens with transformers' model of
+it and checks the residual-stream identities (see lens.check), `lens demo` lists a small random
+model's hook points with their shapes."""
 
 import argparse
 import sys
@@ -51,6 +53,22 @@ def dissect(args) -> None:
         print(f"\nfigures written to {args.plot}")
 
 
+def check(args) -> int:
+    import lens
+    from lens.check import check as run
+
+    load = (lens.HookedGPT.from_pretrained_no_processing if args.no_processing
+            else lens.HookedGPT.from_pretrained)
+    try:
+        model = load(args.path, dtype=args.dtype, device=args.device)
+        report = run(model, args.path, prompts=args.prompts, log_prob_tol=args.log_prob_tol)
+    except ValueError as e:
+        print(f"lens check: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0 if report.ok else 1
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["harvest"]:  # its own parser, so that `lens harvest -h` shows its options
@@ -75,9 +93,23 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="DIR", help="write attention heat maps and a norm chart here")
     p.set_defaults(fn=dissect)
+    p = sub.add_parser("check", help="compare a checkpoint loaded by lens with transformers' model "
+                       "of it (log-probs) and check the residual-stream identities")
+    p.add_argument("path", help="checkpoint directory or weights file")
+    p.add_argument("--no-processing", action="store_true",
+                   help="load the weights as stored (from_pretrained_no_processing)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float64", "float16", "bfloat16"],
+                   help="the lens model's dtype (default the checkpoint's); HF runs in float32")
+    p.add_argument("--device", default=None, help="e.g. cuda; default cpu")
+    p.add_argument("--prompts", nargs="+", metavar="TEXT",
+                   help="prompts to compare on (default a few built-in ones)")
+    p.add_argument("--log-prob-tol", type=float, default=None,
+                   help="largest |log-prob difference| that passes (default by dtype, "
+                   "1e-4 for float32)")
+    p.set_defaults(fn=check)
     args = parser.parse_args(argv)
-    args.fn(args)
-    return 0
+    code = args.fn(args)
+    return 0 if code is None else code
 
 
 if __name__ == "__main__":

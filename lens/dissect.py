@@ -10,6 +10,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lens import sites
+
 SPACE = "·"
 
 
@@ -95,14 +97,14 @@ def dissect(model, text: str, *, layer: Optional[int] = None, head: Optional[int
 
     names = {"hook_embed", "hook_pos_embed"} & set(model.hook_dict)
     for l in range(cfg.n_layers):
-        names |= {f"blocks.{l}.hook_resid_pre", f"blocks.{l}.hook_resid_post",
-                  f"blocks.{l}.attn.hook_q"}
+        names |= {sites.name("resid_pre", l), sites.name("resid_post", l),
+                  sites.name("q", l)}
         if cfg.has_mlp:
-            names.add(f"blocks.{l}.mlp.hook_post")
+            names.add(sites.name("post", l))
         if cfg.has_resid_mid:
-            names.add(f"blocks.{l}.hook_resid_mid")
+            names.add(sites.name("resid_mid", l))
         if l in layers:
-            names.add(f"blocks.{l}.attn.hook_pattern")
+            names.add(sites.name("pattern", l))
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=sorted(names), device="cpu")
 
@@ -111,16 +113,16 @@ def dissect(model, text: str, *, layer: Optional[int] = None, head: Optional[int
 
     blocks = []
     for l in range(cfg.n_layers):
-        q = cache[f"blocks.{l}.attn.hook_q"]
+        q = cache[sites.name("q", l)]
         b = BlockDissection(
-            layer=l, resid_pre_norm=norm(f"blocks.{l}.hook_resid_pre"),
-            resid_post_norm=norm(f"blocks.{l}.hook_resid_post"),
-            resid_mid_norm=norm(f"blocks.{l}.hook_resid_mid") if cfg.has_resid_mid else None,
+            layer=l, resid_pre_norm=norm(sites.name("resid_pre", l)),
+            resid_post_norm=norm(sites.name("resid_post", l)),
+            resid_mid_norm=norm(sites.name("resid_mid", l)) if cfg.has_resid_mid else None,
             qkv_shape=(q.shape[0], q.shape[2], q.shape[1], q.shape[3]), qkv_hook_shape=tuple(q.shape),
             heads=heads if l in layers else [],
             patterns=cache["pattern", l][0, heads].float() if l in layers else None)
         if not cfg.attn_only:
-            post = cache[f"blocks.{l}.mlp.hook_post"]
+            post = cache[sites.name("post", l)]
             b.mlp_shape = tuple(post.shape)
             vals, ids = post[0, -1].float().topk(min(top_k, post.shape[-1]))
             b.top_neurons = list(zip(ids.tolist(), vals.tolist()))

@@ -213,7 +213,7 @@ def activation_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
     _check_site(model, site, per)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     names = [act_name(site, l) for l in range(L)]
-    stream = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+    stream = [sites.name("resid_pre", l) for l in range(L)] + [sites.name("resid_post", L - 1)]
     grid = _grid(per, H, base.shape[1])
     k = _chunk(model, base, batch_size, memory_budget, 2 * H * model.cfg.d_model if site == "result" else 0)
     scores: list[Tensor] = []
@@ -302,7 +302,7 @@ def _parse_receivers(model: HookedGPT, receivers: Sequence[Receiver]) -> list[tu
             if not (isinstance(l, int) and -L <= l < L and isinstance(h, int) and 0 <= h < H
                     and c in ("q", "k", "v")):
                 raise ValueError(f"receiver {r!r} is not valid for n_layers={L}, n_heads={H}; {usage}")
-            out.append((f"blocks.{l % L}.hook_{c}_input", l % L, h))
+            out.append((sites.name(f"{c}_input", l % L), l % L, h))
             continue
         try:
             name = act_name(*r, n_layers=L) if isinstance(r, tuple) else r
@@ -336,7 +336,7 @@ def _path_runs(model: HookedGPT, base: Tensor, src: Tensor, metric: Metric,
     """Path-patch each sender set to the receivers, k sets per forward pass."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     z_names = [act_name("z", l) for l in range(L)]
-    stream = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    stream = [sites.name("resid_pre", l) for l in range(L)]
     recv_names = list(dict.fromkeys(n for n, _, _ in recv))
     r_lo, r_hi = min(l for _, l, _ in recv), max(l for _, l, _ in recv) + 1
     scores: list[Tensor] = []
