@@ -389,3 +389,54 @@ def test_tied_unembedding_stays_tied_until_processing(tmp_path_factory):
     assert model.W_U.data_ptr() == model.W_E.data_ptr()
     processed = from_pretrained(folder)
     assert not processed.cfg.tied_embeddings and "unembed.W_U" in dict(processed.named_parameters())
+
+
+# ---------------------------------------------------------------------- where checkpoints come from
+@pytest.mark.parametrize("name", ["qwen3", "pythia"])
+def test_sharded_checkpoint_and_hub_cache(tmp_path, monkeypatch, name):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    hf = random_hf(name)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    toks = tokens()
+    model = from_pretrained(sharded)
+    assert (lens_log_probs(model, toks) - hf_log_probs(hf, toks)).abs().max() <= 1e-4
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / f"models--someone--tiny-{name}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    hf.save_pretrained(repo / "snapshots" / commit)
+    cached = lens.HookedGPT.from_pretrained_no_processing(f"someone/tiny-{name}")
+    assert (lens_log_probs(cached, toks) - hf_log_probs(hf, toks)).abs().max() <= 1e-4
+
+
+def test_weights_load_in_the_checkpoint_dtype_unless_asked(tmp_path):
+    hf = random_hf("llama").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16")
+    model = from_pretrained(tmp_path / "bf16", process=False)
+    assert model.cfg.dtype == torch.bfloat16 and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.equal(model.W_E, hf.model.embed_tokens.weight)  # bit for bit, no round trip
+    assert from_pretrained(tmp_path / "bf16", dtype=torch.float32).cfg.dtype == torch.float32
+
+
+def test_the_checkpoints_tokenizer_is_used(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=101, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, the residual stream"] * 20, trainer)
+    hf = random_hf("llama")
+    hf.save_pretrained(tmp_path / "ckpt")
+    tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
+    model = from_pretrained(tmp_path / "ckpt")
+    ids = model.to_tokens("hello world")
+    assert ids[0, 0] == tok.token_to_id("<s>")
+    assert ids[0, 1:].tolist() == tok.encode("hello world").ids
+    assert model.to_string(ids[0, 1:]) == "hello world"
