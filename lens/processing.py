@@ -6,7 +6,7 @@ fold value biases into the output bias (TransformerLens's steps, in its order).
 What each family gets from `from_pretrained` (process=True): GPT-2 and GPT-NeoX/Pythia
 (LayerNorm) all four steps; Llama, Mistral, Qwen2/3 and Phi-3 (RMSNorm) fold_layer_norm
 (RMSNorm weights into W_Q/W_K/W_V, W_gate/W_in and W_U; Qwen3's per-head QK-norm stays),
-center_unembed, and fold_value_biases where there is a b_V (Qwen2); centring the writes is
+and center_unembed; Qwen2's b_V stays, as there is no b_O to take it. Centring the writes is
 skipped, since RMSNorm does not centre. `from_pretrained_no_processing` applies none."""
 
 import dataclasses
@@ -260,7 +260,7 @@ def process_weights(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = N
         spec = _Weights(target, cfg).cfg
         applicable = {"fold_layer_norm": spec.normalization in ("LN", "RMS"),
                       "center_writing_weights": spec.norm_kind == "LN",
-                      "fold_value_biases": not spec.attn_bias or spec.attn_out_bias}
+                      "fold_value_biases": spec.attn_bias and spec.attn_out_bias}
         if not strict and not applicable.get(step, True):
             continue
         _FUNCTIONS[step](target, cfg)

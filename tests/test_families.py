@@ -440,3 +440,15 @@ def test_the_checkpoints_tokenizer_is_used(tmp_path):
     assert ids[0, 0] == tok.token_to_id("<s>")
     assert ids[0, 1:].tolist() == tok.encode("hello world").ids
     assert model.to_string(ids[0, 1:]) == "hello world"
+
+
+def test_processing_applied_to_each_family_is_what_the_docs_say(tmp_path_factory):
+    from lens.processing import applied_steps
+    rms = ["fold_layer_norm", "center_unembed"]
+    ln = ["fold_layer_norm", "center_writing_weights", "center_unembed", "fold_value_biases"]
+    expected = {"llama": rms, "llama3": rms, "mistral": rms, "qwen2": rms, "qwen3": rms,
+                "phi3": rms, "pythia": ln, "neox_sequential": ln}
+    for name, steps in expected.items():
+        model = from_pretrained(checkpoint(name, tmp_path_factory)[1])
+        assert applied_steps(model) == steps, name
+        assert model.cfg.normalization == ("LNPre" if steps is ln else "RMSPre")
