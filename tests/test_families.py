@@ -452,3 +452,19 @@ def test_processing_applied_to_each_family_is_what_the_docs_say(tmp_path_factory
         model = from_pretrained(checkpoint(name, tmp_path_factory)[1])
         assert applied_steps(model) == steps, name
         assert model.cfg.normalization == ("LNPre" if steps is ln else "RMSPre")
+
+
+def test_gqa_and_windowed_attention_stay_on_the_fused_kernel_until_the_pattern_is_hooked(
+        tmp_path_factory, monkeypatch):
+    import torch.nn.functional as F
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("llama", "mistral"):
+        model = from_pretrained(checkpoint(name, tmp_path_factory)[1])
+        calls.clear()
+        model(tokens())
+        assert len(calls) == model.cfg.n_layers, name
+        calls.clear()
+        model.run_with_cache(tokens(), names_filter=lambda n: n.endswith("hook_pattern"))
+        assert not calls, name
