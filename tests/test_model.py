@@ -87,8 +87,12 @@ def by_hand(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torch.Tens
 def test_hand_computed_forward_at_every_hook_point(attn_only):
     # The sizes of the "Hello World" walk-through: d_model 8, 2 heads, 4 tokens.
     model = make_model(d_model=8, n_heads=2, d_vocab=11, n_ctx=8, attn_only=attn_only)
-    tokens = torch.tensor([[3, 1, 4, 1]])
-    expected = by_hand(model, tokens[0])
+    assert_every_hook_point_matches(model, torch.tensor([[3, 1, 4, 1]]), by_hand)
+
+
+def assert_every_hook_point_matches(model, tokens: torch.Tensor, by_hand_forward) -> None:
+    """The cache of every hook point equals the by-hand forward's, name for name."""
+    expected = by_hand_forward(model, tokens[0])
     logits, cache = model.run_with_cache(tokens)
     assert set(expected) == set(cache), set(expected) ^ set(cache)
     for name, want in expected.items():
@@ -183,16 +187,8 @@ def by_hand_llama(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torc
 
 
 def test_hand_computed_llama_style_forward_at_every_hook_point():
-    model = make_model(**LLAMA_STYLE)
-    tokens = torch.tensor([[3, 1, 4, 1, 5, 9]])
-    expected = by_hand_llama(model, tokens[0])
-    logits, cache = model.run_with_cache(tokens)
-    assert set(expected) == set(cache), set(expected) ^ set(cache)
-    for name, want in expected.items():
-        got = cache[name][0].double()
-        assert got.shape == want.shape, name
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
-    torch.testing.assert_close(logits[0].double(), expected["hook_logits"], atol=1e-5, rtol=1e-5)
+    assert_every_hook_point_matches(make_model(**LLAMA_STYLE), torch.tensor([[3, 1, 4, 1, 5, 9]]),
+                                    by_hand_llama)
 
 
 def test_weight_shapes_follow_the_paper(model):

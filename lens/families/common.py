@@ -101,6 +101,15 @@ def attention_plan(hf: str, lens: str, cfg: GPTConfig, names=("q_proj", "k_proj"
     return plan
 
 
+def lm_head(cfg: GPTConfig, tensors: dict, ignored: set, key: str = "lm_head.weight") -> None:
+    """The unembedding [d_vocab, d_model] as W_U, or, with tied embeddings, ignored (W_U is W_Eᵀ;
+    some checkpoints store the tied copy anyway)."""
+    if cfg.tied_embeddings:
+        ignored.add(key)
+    else:
+        tensors[key] = ((cfg.d_vocab, cfg.d_model), transposed("unembed.W_U"))
+
+
 # ---------------------------------------------------------------------- refusing what lens lacks
 class Problems:
     """HF options lens does not implement, collected so that one error names all of them."""

@@ -4,7 +4,7 @@ weights (x @ W, as lens), Q, K and V of all heads fused in c_attn, tied embeddin
 import re
 
 from lens.config import GPTConfig
-from lens.families.common import Family, Plan, Problems, refuse_unknown, split, to, transposed
+from lens.families.common import Family, Plan, Problems, lm_head, refuse_unknown, split, to
 
 ACT_FROM_HF = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
                "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -67,10 +67,7 @@ def plan(cfg: GPTConfig) -> Plan:
                "wpe.weight": ((cfg.n_ctx, D), to("pos_embed.W_pos")),
                "ln_f.weight": ((D,), to("ln_final.w")), "ln_f.bias": ((D,), to("ln_final.b"))}
     ignored = {rf"h\.\d+\.attn\.(bias|masked_bias)"}  # causal-mask buffers, not weights
-    if cfg.tied_embeddings:
-        ignored.add("lm_head.weight")
-    else:
-        tensors["lm_head.weight"] = ((V, D), transposed("unembed.W_U"))
+    lm_head(cfg, tensors, ignored)
     for l in range(cfg.n_layers):
         h, b = f"h.{l}.", f"blocks.{l}."
         tensors.update({

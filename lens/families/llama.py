@@ -3,8 +3,8 @@ with "llama3" scaling, grouped-query attention, SwiGLU), Mistral (+ sliding wind
 (+ q/k/v biases), Qwen3 (+ per-head QK-norm, head_dim × n_heads ≠ d_model)."""
 
 from lens.config import GPTConfig
-from lens.families.common import (Family, Plan, Problems, attention_plan, refuse_unknown, rope,
-                                  to, transposed, windows)
+from lens.families.common import (Family, Plan, Problems, attention_plan, lm_head, refuse_unknown,
+                                  rope, to, transposed, windows)
 
 ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_new",
         "gelu_new": "gelu_new", "relu": "relu"}
@@ -47,10 +47,7 @@ def plan(cfg: GPTConfig) -> Plan:
     tensors = {"model.embed_tokens.weight": ((V, D), to("embed.W_E")),
                "model.norm.weight": ((D,), to("ln_final.w"))}
     ignored = {r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"}
-    if cfg.tied_embeddings:
-        ignored.add("lm_head.weight")
-    else:
-        tensors["lm_head.weight"] = ((V, D), transposed("unembed.W_U"))
+    lm_head(cfg, tensors, ignored)
     for l in range(cfg.n_layers):
         h, b = f"model.layers.{l}.", f"blocks.{l}."
         tensors.update(attention_plan(h + "self_attn", b + "attn", cfg, bias=cfg.attn_bias,
