@@ -142,10 +142,17 @@ class Hookable:
         try:
             return self.hook_dict[name]
         except KeyError:
+            why = self.why_absent(name)
+            if why:
+                raise KeyError(f"{name!r} is not a hook point of this model: {why}") from None
             near = difflib.get_close_matches(name, self.hook_dict, n=3, cutoff=0.5)
             hint = f"; did you mean {near}?" if near else f"; valid names include {self.hook_names[:6]}"
             raise KeyError(f"unknown hook point {name!r}{hint} (model.hook_names lists all "
                            f"{len(self.hook_dict)})") from None
+
+    def why_absent(self, name: str) -> Optional[str]:
+        """Why a hook point that other architectures have does not exist here (None if unknown)."""
+        return None
 
     def add_hook(self, name: NamesFilter, fn: HookFn, dir: str = "fwd",
                  prepend: bool = False) -> list[HookHandle]:

@@ -5,6 +5,7 @@ input, runs any slice of the blocks (stop_at_layer / start_at_layer), and return
 loss or both. What is built follows the spec (lens.config); caching lives in run_with_cache,
 analysis on top in its own modules."""
 
+import re
 from typing import Optional, Union
 
 import torch
@@ -105,6 +106,31 @@ class HookedGPT(Hookable, nn.Module):
         """[n_layers, n_kv_heads, ...] weights repeated to one per query head (GQA)."""
         g = self.cfg.n_heads // self.cfg.n_kv_heads
         return W if g == 1 else W.repeat_interleave(g, dim=1)
+
+    def why_absent(self, name: str) -> Optional[str]:
+        """Why a hook point that other architectures have is not built in this one."""
+        cfg, leaf = self.cfg, name.rsplit(".", 1)[-1]
+        m = re.fullmatch(r"blocks\.(\d+)\..*", name)
+        if m and int(m.group(1)) >= cfg.n_layers:
+            return f"the model has {cfg.n_layers} blocks (layers 0 to {cfg.n_layers - 1})"
+        reasons = [
+            (leaf == "hook_resid_mid" and cfg.parallel_attn_mlp and cfg.has_mlp,
+             "attention and MLP run in parallel on the block's input (parallel_attn_mlp), so "
+             "there is no stream between them; the MLP reads hook_resid_pre (hook_mlp_in)"),
+            ((".mlp." in name or leaf in ("hook_mlp_in", "hook_mlp_out", "hook_resid_mid")
+              or ".ln2." in name) and not cfg.has_mlp, "the model is attention-only"),
+            (leaf == "hook_pre_linear" and not cfg.gated_mlp,
+             "the MLP is not gated: hook_pre is its only pre-activation"),
+            (leaf in ("hook_rot_q", "hook_rot_k") and not cfg.rotary_dim,
+             "the model has no rotary positions"),
+            (leaf == "hook_pos_embed" and not cfg.positional_embedding,
+             "the model has no learned positional embedding"
+             + (" (its positions are rotary: see attn.hook_rot_q / hook_rot_k)" if cfg.rotary_dim else "")),
+            ((".ln" in name or name.startswith("ln_final")) and cfg.normalization is None,
+             "the model has no norms (normalization=None)"),
+            (("q_norm" in name or "k_norm" in name) and cfg.qk_norm is None, "the model has no QK-norm"),
+        ]
+        return next((why for applies, why in reasons if applies), None)
 
     # ------------------------------------------------------------------ input
     def check_tokens(self, tokens) -> Int[Tensor, "batch pos"]:

@@ -468,3 +468,16 @@ def test_gqa_and_windowed_attention_stay_on_the_fused_kernel_until_the_pattern_i
         calls.clear()
         model.run_with_cache(tokens(), names_filter=lambda n: n.endswith("hook_pattern"))
         assert not calls, name
+
+
+@pytest.mark.parametrize("name,hook,why", [
+    ("pythia", "blocks.0.hook_resid_mid", "run in parallel"),
+    ("llama", "hook_pos_embed", "its positions are rotary"),
+    ("pythia", "blocks.0.mlp.hook_pre_linear", "not gated"),
+    ("llama", "blocks.0.attn.q_norm.hook_scale", "no QK-norm"),
+    ("llama", "blocks.5.hook_resid_pre", "the model has 2 blocks"),
+])
+def test_a_hook_point_this_architecture_lacks_says_why(tmp_path_factory, name, hook, why):
+    model = from_pretrained(checkpoint(name, tmp_path_factory)[1])
+    with pytest.raises(KeyError, match=why):
+        model.run_with_hooks(tokens(), fwd_hooks=[(hook, lambda x, hook: x)])
