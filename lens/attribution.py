@@ -21,19 +21,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _token_ids(model, tokens: Tokens, what: str) -> Int[Tensor, "n"]:
-    if isinstance(tokens, Tensor) and (tokens.is_floating_point() or tokens.dtype == torch.bool):
-        raise ValueError(f"{what} must be integer token ids, got a {tokens.dtype} tensor")
-    if isinstance(tokens, str):
-        tokens = [tokens]
-    if isinstance(tokens, (list, tuple)):
-        tokens = [model.to_single_token(t) if isinstance(t, str) else int(t) for t in tokens]
-    ids = torch.as_tensor(tokens, dtype=torch.long, device=model.W_U.device).reshape(-1)
-    if ids.numel() == 0:
-        raise ValueError(f"{what} is empty; give one token id per prompt")
-    bad = ids[(ids < 0) | (ids >= model.cfg.d_vocab)]
-    if bad.numel():
-        raise ValueError(f"{what} {bad.tolist()} outside [0, d_vocab={model.cfg.d_vocab})")
-    return ids
+    return model.token_ids(tokens, what).reshape(-1)
 
 
 def logit_diff_direction(model, answer_tokens: Tokens,
@@ -42,15 +30,13 @@ def logit_diff_direction(model, answer_tokens: Tokens,
     the residual direction whose dot product with the final normalised stream is the logit
     difference, less the b_U difference."""
     ans = _token_ids(model, answer_tokens, "answer_tokens")
-    W_U = model.W_U.detach()
-    direction = W_U[:, ans].T
-    if wrong_tokens is not None:
-        wrong = _token_ids(model, wrong_tokens, "wrong_tokens")
-        if wrong.shape != ans.shape and 1 not in (wrong.numel(), ans.numel()):
-            raise ValueError(f"{ans.numel()} answer tokens but {wrong.numel()} wrong tokens; "
-                             "give one of each per prompt")
-        direction = direction - W_U[:, wrong].T
-    return direction
+    if wrong_tokens is None:
+        return model.logit_direction(ans)
+    wrong = _token_ids(model, wrong_tokens, "wrong_tokens")
+    if wrong.shape != ans.shape and 1 not in (wrong.numel(), ans.numel()):
+        raise ValueError(f"{ans.numel()} answer tokens but {wrong.numel()} wrong tokens; "
+                         "give one of each per prompt")
+    return model.logit_direction(ans, wrong)
 
 
 def _pos_index(pos: Pos, batch: int, n_pos: int, device) -> Int[Tensor, "batch"]:

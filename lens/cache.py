@@ -342,15 +342,7 @@ class ActivationCache(Mapping):
                     pos_slice: PosSlice = None, batch_slice: PosSlice = None,
                     has_batch_dim: bool = True) -> Tensor:
         """Each component's contribution to the logit of `tokens` (minus `incorrect_tokens`):
-        residual_stack · W_U[:, token]. Apply the final LayerNorm first (apply_ln=True) for DLA."""
-        W_U = self.model.W_U.to(residual_stack.device, residual_stack.dtype)
-        direction = W_U[:, self._token_ids(tokens, residual_stack.device)]
-        if incorrect_tokens is not None:
-            direction = direction - W_U[:, self._token_ids(incorrect_tokens, residual_stack.device)]
-        direction = direction.movedim(0, -1)  # [..., d_model]
-        return (residual_stack * direction).sum(-1)
-
-    def _token_ids(self, tokens, device) -> Tensor:
-        if isinstance(tokens, str):
-            tokens = self.model.to_single_token(tokens)
-        return torch.as_tensor(tokens, device=device, dtype=torch.long)
+        residual_stack · model.logit_direction(tokens, incorrect_tokens). Apply the final norm first
+        (apply_ln=True) for DLA; lens.attribution.direct_logit_attribution does it all at once."""
+        direction = self.model.logit_direction(tokens, incorrect_tokens)  # [..., d_model]
+        return (residual_stack * direction.to(residual_stack.device, residual_stack.dtype)).sum(-1)

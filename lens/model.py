@@ -132,6 +132,34 @@ class HookedGPT(Hookable, nn.Module):
         ]
         return next((why for applies, why in reasons if applies), None)
 
+    def token_ids(self, tokens, what: str = "tokens") -> Int[Tensor, "..."]:
+        """Token ids (an int, a string that is one token, a list of them, or an integer tensor)
+        as a long tensor on the unembedding's device, checked against d_vocab."""
+        if isinstance(tokens, Tensor) and (tokens.is_floating_point() or tokens.dtype == torch.bool):
+            raise ValueError(f"{what} must be integer token ids, got a {tokens.dtype} tensor")
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, (list, tuple)):
+            tokens = [self.to_single_token(t) if isinstance(t, str) else int(t) for t in tokens]
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.W_E.device)
+        if ids.numel() == 0:
+            raise ValueError(f"{what} is empty; give one token id per prompt")
+        bad = ids[(ids < 0) | (ids >= self.cfg.d_vocab)]
+        if bad.numel():
+            raise ValueError(f"{what} {bad.tolist()} outside [0, d_vocab={self.cfg.d_vocab})")
+        return ids
+
+    def logit_direction(self, tokens, wrong_tokens=None) -> Float[Tensor, "... d_model"]:
+        """W_U[:, tokens] − W_U[:, wrong_tokens] (just W_U[:, tokens] without wrong tokens), d_model
+        last: the direction of the final normalised stream whose dot product is the logit
+        difference, less the b_U difference. Both direct logit attributions (the cache's
+        logit_attrs and lens.attribution) read it from here."""
+        W_U = self.W_U.detach()
+        direction = W_U[:, self.token_ids(tokens)].movedim(0, -1)
+        if wrong_tokens is not None:
+            direction = direction - W_U[:, self.token_ids(wrong_tokens, "wrong_tokens")].movedim(0, -1)
+        return direction
+
     # ------------------------------------------------------------------ input
     def check_tokens(self, tokens) -> Int[Tensor, "batch pos"]:
         if not isinstance(tokens, Tensor):
