@@ -39,8 +39,9 @@ class GPTConfig:
     MLP: none when attn_only, else act(x W_in + b_in) W_out + b_out, or gated_mlp:
     (act(x W_gate) * (x W_in)) W_out; mlp_bias says whether b_in, b_out exist.
     Block: parallel_attn_mlp (attention and MLP both read the block's input, as in GPT-NeoX).
-    Unembedding: tied_embeddings (W_U is W_Eᵀ, one tensor), b_U always exists (zero when the
-    checkpoint has none).
+    Unembedding: tied_embeddings (W_U is W_Eᵀ, one tensor), unembed_bias (b_U; checkpoints
+    without one load without it, and processing adds it when folding a norm's bias needs it;
+    model.b_U reads as zeros where there is none).
     """
 
     n_layers: int
@@ -71,6 +72,7 @@ class GPTConfig:
     window: Optional[int] = None
     windowed_layers: Optional[tuple] = None
     tied_embeddings: bool = False
+    unembed_bias: bool = True
 
     def __post_init__(self):
         if isinstance(self.dtype, str):

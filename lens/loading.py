@@ -89,7 +89,8 @@ def convert_state_dict(hf_sd: dict[str, Tensor], cfg: GPTConfig, family: str) ->
     out = {}
     for short, key in found.items():
         out.update(plan.tensors[short][1](hf_sd[key]))
-    out["unembed.b_U"] = torch.zeros(cfg.d_vocab, dtype=out["embed.W_E"].dtype)
+    if cfg.unembed_bias:
+        out["unembed.b_U"] = torch.zeros(cfg.d_vocab, dtype=out["embed.W_E"].dtype)
     return out
 
 
@@ -290,8 +291,9 @@ def _fill(model: HookedGPT, ckpt: _Checkpoint) -> None:
         plan = families.FAMILIES[ckpt.family].plan(ckpt.cfg)
         found = _match(src.shapes, ckpt.cfg, plan, f"checkpoint {ckpt.folder}")
         jobs = ((key, plan.tensors[short][1]) for short, key in found.items())
-        params["unembed.b_U"].zero_()
-        filled.add("unembed.b_U")
+        if "unembed.b_U" in params:  # a spec asking for a bias the checkpoint lacks
+            params["unembed.b_U"].zero_()
+            filled.add("unembed.b_U")
     for key, convert in jobs:
         tensor = src.get(key)
         for name, piece in convert(tensor).items():

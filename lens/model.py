@@ -37,7 +37,7 @@ class HookedGPT(Hookable, nn.Module):
         self.rotary = Rotary(cfg) if cfg.rotary_dim else None
         self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layers))
         self.ln_final = make_norm(cfg)
-        self.unembed = _Unembed(cfg.d_model, cfg.d_vocab, cfg.dtype,
+        self.unembed = _Unembed(cfg.d_model, cfg.d_vocab, cfg.dtype, cfg.unembed_bias,
                                 tied_to=self.embed if cfg.tied_embeddings else None)
         self.hook_logits = HookPoint()
         self.setup_hooks()
@@ -88,7 +88,9 @@ class HookedGPT(Hookable, nn.Module):
     W_E = property(lambda self: self.embed.W_E, doc="[d_vocab, d_model]")
     W_pos = property(lambda self: self.pos_embed.W_pos, doc="[n_ctx, d_model]")
     W_U = property(lambda self: self.unembed.W_U, doc="[d_model, d_vocab]")
-    b_U = property(lambda self: self.unembed.b_U, doc="[d_vocab]")
+    b_U = property(lambda self: self.unembed.b_U if self.unembed.b_U is not None else
+                   torch.zeros(self.cfg.d_vocab, dtype=self.W_E.dtype, device=self.W_E.device),
+                   doc="[d_vocab] (zeros where the model has no unembedding bias)")
 
     @property
     def QK(self):
@@ -417,14 +419,22 @@ class _PosEmbed(nn.Module):
 
 
 class _Unembed(nn.Module):
-    """x @ W_U + b_U. Tied to the embedding (`tied_to`), W_U is W_Eᵀ: one tensor, not a copy."""
+    """x @ W_U (+ b_U). Tied to the embedding (`tied_to`), W_U is W_Eᵀ: one tensor, not a copy."""
 
-    def __init__(self, d_model: int, d_vocab: int, dtype, tied_to: Optional[_Embed] = None):
+    def __init__(self, d_model: int, d_vocab: int, dtype, bias: bool = True,
+                 tied_to: Optional[_Embed] = None):
         super().__init__()
         self._tied = [tied_to] if tied_to is not None else None  # a list: not a submodule
         if tied_to is None:
             self.W_U = weight((d_model, d_vocab), (1, 0), dtype)
-        self.b_U = nn.Parameter(torch.zeros(d_vocab, dtype=dtype))
+        self.b_U = nn.Parameter(torch.zeros(d_vocab, dtype=dtype)) if bias else None
+
+    def add_bias(self) -> None:
+        """Give the unembedding a (zero) bias, e.g. before processing folds a norm's bias into it."""
+        if self.b_U is None:
+            W_E = self._tied[0].W_E if self._tied is not None else self.W_U
+            self.b_U = nn.Parameter(torch.zeros(W_E.shape[0] if self._tied is not None else W_E.shape[1],
+                                                dtype=W_E.dtype, device=W_E.device))
 
     @property
     def tied(self) -> bool:

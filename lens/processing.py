@@ -72,6 +72,19 @@ class _Weights:
             raise ValueError("this state dict has tied embeddings (no unembed.W_U); add "
                              "unembed.W_U = embed.W_E.T and use a cfg with tied_embeddings=False")
 
+    def add_unembed_bias(self) -> None:
+        """Give the model (or state dict) a zero b_U, for a step that writes one."""
+        if self.has("unembed.b_U"):
+            return
+        if self.model is not None:
+            self.model.unembed.add_bias()
+            self.store = dict(self.model.named_parameters())
+            set_config(self.model, unembed_bias=True)
+            self.cfg = self.model.cfg
+        else:
+            W_U = self.store["unembed.W_U"]
+            self.store["unembed.b_U"] = torch.zeros(W_U.shape[-1], dtype=W_U.dtype)
+
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.store:
             raise ValueError(f"weight {name!r} is missing; the weights do not match the config "
@@ -79,7 +92,11 @@ class _Weights:
                              f"attn_only={self.cfg.attn_only}, attn_bias={self.cfg.attn_bias}, "
                              f"mlp_bias={self.cfg.mlp_bias})")
         t = self.store[name].detach()
-        return t.float() if t.dtype in _HALF else t
+        if t.dtype in _HALF:
+            return t.float()
+        # a model's parameter is rewritten in place; a state dict's tensor may be shared with
+        # someone else's model, so steps work on a copy
+        return t if self.model is not None else t.clone()
 
     def __setitem__(self, name: str, value: Tensor) -> None:
         old = self.store[name]
@@ -114,7 +131,7 @@ def _fold(W: Float[Tensor, "*heads d_model d_out"], b: Optional[Float[Tensor, "*
     only for LayerNorm."""
     if ln_b is not None:
         b = b + einops.einsum(ln_b, W, "d_model, ... d_model d_out -> ... d_out")
-    W = W * ln_w[:, None]
+    W = W.mul_(ln_w[:, None])  # in place on what _Weights read: no second copy of a big matrix
     if center:
         W -= W.mean(-2, keepdim=True)  # in place on the new tensor: one temporary, not two
     return W, b
@@ -158,6 +175,8 @@ def fold_layer_norm(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = N
         ln_w = W[ln + ".w"]
         ln_b = W[ln + ".b"] if W.has(ln + ".b") else None
         for w_name, b_name in pairs:
+            if ln_b is not None and b_name == "unembed.b_U":
+                W.add_unembed_bias()
             bias = W[b_name] if W.has(b_name) else None
             if ln_b is not None and bias is None:
                 raise ValueError(f"cannot fold {ln}.b: {w_name} has no bias {b_name} to take it "
@@ -205,9 +224,11 @@ def center_unembed(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = No
     so log-probs and probabilities are unchanged; the logits themselves shift."""
     W = _Weights(target, cfg)
     W.untie()
-    W_U, b_U = W["unembed.W_U"], W["unembed.b_U"]
-    W["unembed.W_U"] = W_U - W_U.mean(-1, keepdim=True)
-    W["unembed.b_U"] = b_U - b_U.mean()
+    W_U = W["unembed.W_U"]
+    W["unembed.W_U"] = W_U.sub_(W_U.mean(-1, keepdim=True))  # in place: no second W_U
+    if W.has("unembed.b_U"):
+        b_U = W["unembed.b_U"]
+        W["unembed.b_U"] = b_U - b_U.mean()
     W.record("center_unembed")
     return target
 

@@ -481,3 +481,12 @@ def test_a_hook_point_this_architecture_lacks_says_why(tmp_path_factory, name, h
     model = from_pretrained(checkpoint(name, tmp_path_factory)[1])
     with pytest.raises(KeyError, match=why):
         model.run_with_hooks(tokens(), fwd_hooks=[(hook, lambda x, hook: x)])
+
+
+def test_no_unembedding_bias_is_built_unless_processing_needs_one(tmp_path_factory):
+    llama = from_pretrained(checkpoint("llama", tmp_path_factory)[1])
+    assert llama.unembed.b_U is None and torch.equal(llama.b_U, torch.zeros(SIZE["vocab_size"]))
+    pythia = checkpoint("pythia", tmp_path_factory)[1]
+    assert from_pretrained(pythia, process=False).unembed.b_U is None
+    processed = from_pretrained(pythia)  # ln_final's bias folded into a new b_U
+    assert processed.cfg.unembed_bias and float(processed.unembed.b_U.abs().max()) > 0

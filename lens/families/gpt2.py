@@ -34,7 +34,7 @@ def config(d: dict) -> GPTConfig:
         n_ctx=d["n_positions"], d_head=d["n_embd"] // d["n_head"],
         d_mlp=d.get("n_inner") or 4 * d["n_embd"], act_fn=ACT_FROM_HF[act], normalization="LN",
         eps=float(d.get("layer_norm_epsilon", 1e-5)),
-        tied_embeddings=bool(d.get("tie_word_embeddings", True)),
+        tied_embeddings=bool(d.get("tie_word_embeddings", True)), unembed_bias=False,
         tokenizer_name="gpt2" if d["vocab_size"] == 50257 else None)
 
 
@@ -56,7 +56,7 @@ def infer_config(shapes: dict[str, tuple], overrides: dict, source: str) -> GPTC
                          "config dict, or put the checkpoint's config.json beside the file")
     tied = "lm_head.weight" not in s
     return GPTConfig(**{**inferred, "tokenizer_name": "gpt2" if d_vocab == 50257 else None,
-                        "tied_embeddings": tied, **overrides})
+                        "tied_embeddings": tied, "unembed_bias": False, **overrides})
 
 
 def plan(cfg: GPTConfig) -> Plan:

@@ -38,6 +38,7 @@ def spec(d: dict, name: str, qkv_bias: bool = False, qk_norm=None, window_rule: 
         positional_embedding=False, **positions, **window,
         attn_bias=qkv_bias or attention_bias, attn_out_bias=attention_bias, mlp_bias=mlp_bias,
         gated_mlp=True, qk_norm=qk_norm, tied_embeddings=bool(d.get("tie_word_embeddings", False)),
+        unembed_bias=False,
         tokenizer_name=None)
 
 

@@ -30,7 +30,8 @@ def config(d: dict) -> GPTConfig:
         n_ctx=d.get("max_position_embeddings", 2048), act_fn=ACTS.get(act, "gelu"),
         normalization="LN", eps=float(d.get("layer_norm_eps", 1e-5)), positional_embedding=False,
         **positions, attn_bias=bias, attn_out_bias=bias,
-        parallel_attn_mlp=bool(d.get("use_parallel_residual", True)), tokenizer_name=None)
+        parallel_attn_mlp=bool(d.get("use_parallel_residual", True)), unembed_bias=False,
+        tokenizer_name=None)
 
 
 def plan(cfg: GPTConfig) -> Plan:
