@@ -73,12 +73,19 @@ class HookedGPT(Hookable, nn.Module):
                 "b_out": (c.d_model,)}[name]
 
     W_Q = property(lambda self: self._stack("attn", "W_Q"), doc="[n_layers, n_heads, d_model, d_head]")
-    W_K = property(lambda self: self._stack("attn", "W_K"), doc="[n_layers, n_kv_heads, d_model, d_head]")
-    W_V = property(lambda self: self._stack("attn", "W_V"), doc="[n_layers, n_kv_heads, d_model, d_head]")
+    # Under grouped-query attention the stacked key/value weights repeat each key/value head for
+    # the query heads that read it, [n_layers, n_heads, ...], as TransformerLens's W_K does; the
+    # parameters themselves, blocks[l].attn.W_K, hold one per key/value head.
+    W_K = property(lambda self: self._per_query_head(self._stack("attn", "W_K")),
+                   doc="[n_layers, n_heads, d_model, d_head] (key/value heads repeated under GQA)")
+    W_V = property(lambda self: self._per_query_head(self._stack("attn", "W_V")),
+                   doc="[n_layers, n_heads, d_model, d_head] (key/value heads repeated under GQA)")
     W_O = property(lambda self: self._stack("attn", "W_O"), doc="[n_layers, n_heads, d_head, d_model]")
     b_Q = property(lambda self: self._stack("attn", "b_Q"), doc="[n_layers, n_heads, d_head]")
-    b_K = property(lambda self: self._stack("attn", "b_K"), doc="[n_layers, n_kv_heads, d_head]")
-    b_V = property(lambda self: self._stack("attn", "b_V"), doc="[n_layers, n_kv_heads, d_head]")
+    b_K = property(lambda self: self._per_query_head(self._stack("attn", "b_K")),
+                   doc="[n_layers, n_heads, d_head] (key/value heads repeated under GQA)")
+    b_V = property(lambda self: self._per_query_head(self._stack("attn", "b_V")),
+                   doc="[n_layers, n_heads, d_head] (key/value heads repeated under GQA)")
     b_O = property(lambda self: self._stack("attn", "b_O"), doc="[n_layers, d_model]")
     W_in = property(lambda self: self._stack("mlp", "W_in"), doc="[n_layers, d_model, d_mlp]")
     W_gate = property(lambda self: self._stack("mlp", "W_gate"), doc="[n_layers, d_model, d_mlp] (gated MLPs)")
@@ -96,16 +103,17 @@ class HookedGPT(Hookable, nn.Module):
     def QK(self):
         """The paper's QK circuit W_Q W_Kᵀ per head, factored: [n_layers, n_heads, d_model, d_model]."""
         from lens.factored import FactoredMatrix
-        return FactoredMatrix(self.W_Q, self._per_query_head(self.W_K).transpose(-2, -1))
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     @property
     def OV(self):
         """The paper's OV circuit W_V W_O per head, factored: [n_layers, n_heads, d_model, d_model]."""
         from lens.factored import FactoredMatrix
-        return FactoredMatrix(self._per_query_head(self.W_V), self.W_O)
+        return FactoredMatrix(self.W_V, self.W_O)
 
     def _per_query_head(self, W: Tensor) -> Tensor:
-        """[n_layers, n_kv_heads, ...] weights repeated to one per query head (GQA)."""
+        """[n_layers, n_kv_heads, ...] weights repeated to one per query head (GQA): query head h
+        reads key/value head h // (n_heads // n_kv_heads)."""
         g = self.cfg.n_heads // self.cfg.n_kv_heads
         return W if g == 1 else W.repeat_interleave(g, dim=1)
 

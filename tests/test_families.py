@@ -490,3 +490,22 @@ def test_no_unembedding_bias_is_built_unless_processing_needs_one(tmp_path_facto
     assert from_pretrained(pythia, process=False).unembed.b_U is None
     processed = from_pretrained(pythia)  # ln_final's bias folded into a new b_U
     assert processed.cfg.unembed_bias and float(processed.unembed.b_U.abs().max()) > 0
+
+
+def test_stacked_key_value_weights_are_per_query_head_as_in_transformer_lens(tmp_path_factory):
+    from lens.circuits import composition_scores, ov_copying_scores
+    model = from_pretrained(checkpoint("llama", tmp_path_factory)[1], process=False)
+    cfg = model.cfg
+    assert model.blocks[0].attn.W_K.shape == (cfg.n_kv_heads, cfg.d_model, cfg.d_head)
+    assert model.W_K.shape == model.W_V.shape == (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head)
+    assert model.b_V.shape == (cfg.n_layers, cfg.n_heads, cfg.d_head)
+    torch.testing.assert_close(model.W_V[1, 3], model.blocks[1].attn.W_V[1])  # head 3 reads kv head 1
+    # V-composition of L0H1 into L1H3, by hand from the parameters: head h uses kv head h // 2
+    a, b = model.blocks[0].attn, model.blocks[1].attn
+    ov_a = (a.W_V[0] @ a.W_O[1]).double()
+    ov_b = (b.W_V[1] @ b.W_O[3]).double()
+    want = (ov_a @ ov_b).norm() / (ov_a.norm() * ov_b.norm())
+    scores = composition_scores(model, "v")
+    assert scores.shape == (cfg.n_layers, cfg.n_heads) * 2
+    torch.testing.assert_close(scores[0, 1, 1, 3].double(), want, atol=1e-5, rtol=1e-4)
+    assert ov_copying_scores(model).shape == (cfg.n_layers, cfg.n_heads)
