@@ -35,7 +35,8 @@ _STREAM_RECEIVERS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hoo
 @dataclass
 class PatchResult:
     """A patching sweep. values: [n_layers] (per="layer"), [n_layers, pos] ("layer_pos"),
-    [n_layers, n_heads] ("head") or [n_layers, n_heads, pos] ("head_pos"); labels: axis name ->
+    [n_layers, n_heads] ("head") or [n_layers, n_heads, pos] ("head_pos"; n_kv_heads for k and v
+    under grouped-query attention); labels: axis name ->
     labels, in the order of values' axes. Activation and path patching store the metric of each
     patched run; attribution patching the estimated change of the metric (compare it with
     `values - baseline` of activation patching). clean_metric / corrupted_metric: the metric of
@@ -168,9 +169,16 @@ def _chunk(model: HookedGPT, tokens: Tensor, batch_size: Optional[int],
     return max(1, int(memory_budget // (b * n * width * cfg.dtype.itemsize)))
 
 
-def _labels(model: HookedGPT, tokens: Tensor, per: str) -> dict[str, list]:
+def _site_heads(model: HookedGPT, site: str) -> int:
+    """How many heads a site's head axis has: n_kv_heads for keys and values under GQA."""
+    axis = SITES[site][1]
+    kind = None if axis is None else sites.axes(act_name(site, 0))[axis]
+    return model.cfg.n_kv_heads if kind == "kv_head" else model.cfg.n_heads
+
+
+def _labels(model: HookedGPT, tokens: Tensor, per: str, site: str = "z") -> dict[str, list]:
     """Axis labels; positions are "str_token_position" of the first prompt with a tokenizer."""
-    L, H, n = model.cfg.n_layers, model.cfg.n_heads, tokens.shape[1]
+    L, H, n = model.cfg.n_layers, _site_heads(model, site), tokens.shape[1]
     labels: dict[str, list] = {"layer": list(range(L))}
     if per.startswith("head"):
         labels["head"] = list(range(H))
@@ -189,7 +197,7 @@ def _result(model, values, base, src, site, per, direction, baselines) -> PatchR
     (base_m, src_m), forward = baselines, direction == "clean_to_corrupted"
     clean, corrupted = (src, base) if forward else (base, src)
     clean_m, corrupted_m = (src_m, base_m) if forward else (base_m, src_m)
-    return PatchResult(values, _labels(model, clean, per), site, per, direction, clean_m, corrupted_m)
+    return PatchResult(values, _labels(model, clean, per, site), site, per, direction, clean_m, corrupted_m)
 
 
 # ---------------------------------------------------------------------- activation patching
@@ -211,7 +219,7 @@ def activation_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
     """
     base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
     _check_site(model, site, per)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
+    L, H = model.cfg.n_layers, _site_heads(model, site)
     names = [act_name(site, l) for l in range(L)]
     stream = [sites.name("resid_pre", l) for l in range(L)] + [sites.name("resid_post", L - 1)]
     grid = _grid(per, H, base.shape[1])
@@ -299,9 +307,12 @@ def _parse_receivers(model: HookedGPT, receivers: Sequence[Receiver]) -> list[tu
     for r in receivers:
         if isinstance(r, tuple) and len(r) == 3:
             l, h, c = r
-            if not (isinstance(l, int) and -L <= l < L and isinstance(h, int) and 0 <= h < H
+            n = model.cfg.n_kv_heads if c in ("k", "v") else H  # keys and values: kv heads
+            if not (isinstance(l, int) and -L <= l < L and isinstance(h, int) and 0 <= h < n
                     and c in ("q", "k", "v")):
-                raise ValueError(f"receiver {r!r} is not valid for n_layers={L}, n_heads={H}; {usage}")
+                raise ValueError(f"receiver {r!r} is not valid for n_layers={L}, n_heads={H}, "
+                                 f"n_kv_heads={model.cfg.n_kv_heads} (a 'k' or 'v' receiver is a "
+                                 f"key/value head); {usage}")
             out.append((sites.name(f"{c}_input", l % L), l % L, h))
             continue
         try:

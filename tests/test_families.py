@@ -509,3 +509,26 @@ def test_stacked_key_value_weights_are_per_query_head_as_in_transformer_lens(tmp
     assert scores.shape == (cfg.n_layers, cfg.n_heads) * 2
     torch.testing.assert_close(scores[0, 1, 1, 3].double(), want, atol=1e-5, rtol=1e-4)
     assert ov_copying_scores(model).shape == (cfg.n_layers, cfg.n_heads)
+
+
+def test_patching_keys_per_head_under_gqa_patches_key_value_heads(tmp_path_factory):
+    from lens import patching
+    model = from_pretrained(checkpoint("llama", tmp_path_factory)[1], process=False, dtype=torch.float64)
+    clean, corrupted = tokens(seed=3), tokens(seed=4)
+
+    def metric(logits):
+        return logits[:, -1, 3] - logits[:, -1, 4]
+
+    result = patching.activation_patch(model, clean, corrupted, metric, site="k", per="head", progress=False)
+    assert result.values.shape == (model.cfg.n_layers, model.cfg.n_kv_heads)
+    assert result.labels["head"] == list(range(model.cfg.n_kv_heads))
+    _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("attn.hook_k"))
+    for l in range(model.cfg.n_layers):
+        for g in range(model.cfg.n_kv_heads):
+            def put(k, hook, g=g, l=l):
+                k[:, :, g] = clean_cache["k", l][:, :, g]
+            naive = metric(model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{l}.attn.hook_k", put)])).mean()
+            assert abs(float(result.values[l, g]) - float(naive)) < 1e-5
+    estimate = patching.attribution_patch(model, clean, corrupted, metric, site="v", per="head_pos",
+                                          progress=False)
+    assert estimate.values.shape == (model.cfg.n_layers, model.cfg.n_kv_heads, clean.shape[1])
