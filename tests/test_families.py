@@ -305,6 +305,22 @@ def test_gqa_hooks_and_circuits(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------- analysis on every family
+WORDS = ["<s>", "</s>", "<unk>", "the", "stream", "reads", "heads", "writes", "a", "model"]
+WORDS += [f"w{i}" for i in range(SIZE["vocab_size"] - len(WORDS))]  # one word per id
+
+
+def word_tokenizer(folder: Path):
+    """A word-level tokenizer.json with one word for each id of the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from lens.tokenizer import HFTokenizer
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return HFTokenizer.from_dir(folder)
+
 def test_analysis_modules_run_on_every_family(family_model, tmp_path):
     from lens import ablation, patching
     from lens.attribution import logit_lens
@@ -338,10 +354,12 @@ def test_analysis_modules_run_on_every_family(family_model, tmp_path):
     h = harvest(model, clean, names, tmp_path / "h", batch_size=1, progress=False)
     torch.testing.assert_close(h.read(names[1]).tensor().reshape(-1, model.cfg.d_mlp).double(),
                                model.run_with_cache(clean)[1]["post", 1].reshape(-1, model.cfg.d_mlp))
-    model.tokenizer = None
     from lens.dissect import dissect
-    with pytest.raises(ValueError):
-        dissect(model, "no tokenizer")
+    model.tokenizer = word_tokenizer(tmp_path / "tok")
+    d = dissect(model, "the stream reads the heads", max_new_tokens=3, temperature=0.0)
+    assert len(d.blocks) == model.cfg.n_layers
+    assert (d.blocks[0].resid_mid_norm is None) == (not model.cfg.has_resid_mid)
+    assert "the stream reads the heads" in str(d)
 
 
 # ---------------------------------------------------------------------- bad input
