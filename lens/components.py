@@ -101,9 +101,9 @@ class Norm(nn.Module):
     TransformerLens. Hooking either computes the norm by hand; otherwise one fused kernel runs.
     """
 
-    def __init__(self, kind: str, length: int, eps: float, affine: bool, dtype):
+    def __init__(self, kind: str, length: int, eps: float, affine: bool, dtype, offset: float = 0.0):
         super().__init__()
-        self.kind, self.eps, self.length = kind, eps, length
+        self.kind, self.eps, self.length, self.offset = kind, eps, length, float(offset)
         self.w = nn.Parameter(torch.ones(length, dtype=dtype)) if affine else None
         self.b = nn.Parameter(torch.zeros(length, dtype=dtype)) if affine and kind == "LN" else None
         self.hook_scale = HookPoint()
@@ -113,11 +113,23 @@ class Norm(nn.Module):
     def centres(self) -> bool:
         return self.kind == "LN"
 
+    def weight(self, like: Tensor) -> Optional[Tensor]:
+        """The weight the normalised input is multiplied by (offset + w), on like's device and
+        dtype; None for a weightless norm."""
+        if self.w is None:
+            return None
+        w = self.w.to(like.device, like.dtype)
+        return w + self.offset if self.offset else w
+
     def forward(self, x: Float[Tensor, "batch pos *heads d"]) -> Float[Tensor, "batch pos *heads d"]:
         if self.hook_scale.active or self.hook_normalized.active:
             return self.by_hand(x)
         if self.kind == "LN":
-            return F.layer_norm(x, (self.length,), self.w, self.b, self.eps)
+            return F.layer_norm(x, (self.length,), self.weight(x), self.b, self.eps)
+        if self.offset and self.w is not None:  # as Gemma: weigh (offset + w) in float32, then cast
+            wide = x.float() if x.dtype in _HALF else x
+            out = F.rms_norm(wide, (self.length,), None, self.eps) * (self.w.to(wide.dtype) + self.offset)
+            return out.to(x.dtype)
         if x.dtype in _HALF:  # as HF: normalise in float32, cast, then weigh
             out = F.rms_norm(x.float(), (self.length,), None, self.eps).to(x.dtype)
             return out if self.w is None else out * self.w
@@ -142,10 +154,10 @@ class Norm(nn.Module):
         x = x / scale
         if hooked:
             x = self.hook_normalized.run(x)
-        if self.kind == "RMS":
+        if self.kind == "RMS" and not self.offset:  # Llama casts before the weight, Gemma after
             x = x.to(dtype)
         if self.w is not None:
-            x = x * self.w
+            x = x * (self.w + self.offset if self.offset else self.w)
         if self.b is not None:
             x = x + self.b
         return x.to(dtype)
@@ -153,7 +165,7 @@ class Norm(nn.Module):
     def plain(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         """The norm of x without running its hooks, its weights moved to x's device and dtype
         (for analysis on caches that live elsewhere than the model)."""
-        w = None if self.w is None else self.w.detach().to(x.device, x.dtype)
+        w = None if self.w is None else self.weight(x).detach()
         if self.kind == "LN":
             b = None if self.b is None else self.b.detach().to(x.device, x.dtype)
             return F.layer_norm(x, (self.length,), w, b, self.eps)
@@ -163,7 +175,7 @@ class Norm(nn.Module):
         """The direction a write must be dotted with so that write · read_through(u) equals
         frozen(write) · u: the adjoint of the frozen norm (weight, then centring, over scale)."""
         if self.w is not None:
-            u = u * self.w.detach().to(u.device, u.dtype)
+            u = u * self.weight(u).detach()
         if self.centres:
             u = u - u.mean(-1, keepdim=True)
         return u / scale.to(u.device, u.dtype)
@@ -181,7 +193,7 @@ class Norm(nn.Module):
         if self.centres:
             x = x - x.mean(-1, keepdim=True)
         x = x / scale.to(x.device)
-        return x if self.w is None else x * self.w.to(x.device, x.dtype)
+        return x if self.w is None else x * self.weight(x)
 
 
 LayerNorm = Norm  # the name lens used when LayerNorm was the only norm
@@ -191,7 +203,7 @@ def make_norm(cfg: GPTConfig, length: Optional[int] = None) -> Optional[Norm]:
     if cfg.normalization is None:
         return None
     return Norm(cfg.norm_kind, length or cfg.d_model, cfg.eps,
-                affine=not cfg.normalization.endswith("Pre"), dtype=cfg.dtype)
+                affine=not cfg.normalization.endswith("Pre"), dtype=cfg.dtype, offset=cfg.norm_offset)
 
 
 # ---------------------------------------------------------------------- rotary positions
@@ -286,8 +298,8 @@ class Attention(nn.Module):
         self.b_V = _bias(cfg.attn_bias, (kv, e), cfg.dtype)
         self.b_O = _bias(cfg.attn_out_bias, d, cfg.dtype)
         if cfg.qk_norm == "head":
-            self.q_norm = Norm("RMS", e, cfg.eps, affine=True, dtype=cfg.dtype)
-            self.k_norm = Norm("RMS", e, cfg.eps, affine=True, dtype=cfg.dtype)
+            self.q_norm = Norm("RMS", e, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
+            self.k_norm = Norm("RMS", e, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
         else:
             self.q_norm = self.k_norm = None
         self.rotary = cfg.rotary_dim > 0

@@ -29,7 +29,9 @@ class GPTConfig:
 
     Norm (before each sublayer and at the end): normalization "LN" (LayerNorm with weight and
     bias), "RMS" (RMSNorm with weight), their weightless forms "LNPre" / "RMSPre" (what folding
-    the weights into the next layer leaves), or None. eps is the norms' epsilon.
+    the weights into the next layer leaves), or None. eps is the norms' epsilon; norm_offset is
+    added to every norm weight (Gemma's 1 + w, applied in float32 as HF does).
+    Embedding: token embeddings are multiplied by embed_scale (Gemma's √d_model).
     Positions: positional_embedding (a learned W_pos added to the stream) or rotary_dim > 0
     (rotary embeddings on the first rotary_dim dims of each query and key head, frequencies
     rotary_base^(-2i/rotary_dim), rope_scaling {"type": "linear" | "llama3", ...}), or neither.
@@ -73,6 +75,8 @@ class GPTConfig:
     windowed_layers: Optional[tuple] = None
     tied_embeddings: bool = False
     unembed_bias: bool = True
+    norm_offset: float = 0.0
+    embed_scale: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.dtype, str):
@@ -107,6 +111,9 @@ class GPTConfig:
             problems.append(f"normalization={self.normalization!r} is not one of {NORMALIZATIONS}")
         if self.qk_norm not in QK_NORMS:
             problems.append(f"qk_norm={self.qk_norm!r} is not one of {QK_NORMS}")
+        for name in ("norm_offset", "embed_scale"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                problems.append(f"{name}={getattr(self, name)!r} must be a number")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0):
             problems.append(f"eps={self.eps!r} must be a positive float")
         if self.dtype not in _DTYPES.values():

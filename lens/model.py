@@ -29,7 +29,7 @@ class HookedGPT(Hookable, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.embed = _Embed(cfg.d_vocab, cfg.d_model, cfg.dtype)
+        self.embed = _Embed(cfg.d_vocab, cfg.d_model, cfg.dtype, cfg.embed_scale)
         self.hook_embed = HookPoint()
         if cfg.positional_embedding:
             self.pos_embed = _PosEmbed(cfg.n_ctx, cfg.d_model, cfg.dtype)
@@ -409,12 +409,16 @@ def _layer_index(layer: int, n_layers: int, what: str) -> int:
 
 
 class _Embed(nn.Module):
-    def __init__(self, d_vocab: int, d_model: int, dtype):
+    """W_E[tokens], times embed_scale (in the weights' dtype, as HF's Gemma) when it is not 1."""
+
+    def __init__(self, d_vocab: int, d_model: int, dtype, scale: float = 1.0):
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(d_vocab, d_model, dtype=dtype))
+        self.scale = float(scale)
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return F.embedding(tokens, self.W_E)
+        out = F.embedding(tokens, self.W_E)
+        return out if self.scale == 1.0 else out * torch.tensor(self.scale, dtype=out.dtype)
 
 
 class _PosEmbed(nn.Module):

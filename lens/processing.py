@@ -158,7 +158,8 @@ def fold_layer_norm(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = N
     """Fold every norm's weight (and LayerNorm's bias) into the weights that read its output.
 
     ln1 goes into W_Q/W_K/W_V and b_Q/b_K/b_V, ln2 into W_in (and W_gate)/b_in, ln_final into
-    W_U/b_U; under LayerNorm the reading weights are then centred along d_model
+    W_U/b_U (the weight being norm_offset + w, Gemma's 1 + w); under LayerNorm the reading
+    weights are then centred along d_model
     (`center_reading_weights`). The norm weights are removed and the config becomes
     normalization="LNPre" (or "RMSPre"). A state dict is changed in place (pass its cfg; build
     the model for it with the Pre normalization).
@@ -172,7 +173,7 @@ def fold_layer_norm(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = N
     W.untie()
     centres = norm == "LN"
     for ln, pairs in _readers(W.cfg):
-        ln_w = W[ln + ".w"]
+        ln_w = W[ln + ".w"] + W.cfg.norm_offset  # Gemma's norms multiply by 1 + w
         ln_b = W[ln + ".b"] if W.has(ln + ".b") else None
         for w_name, b_name in pairs:
             if ln_b is not None and b_name == "unembed.b_U":

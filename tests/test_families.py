@@ -33,6 +33,7 @@ FAMILIES = {
     "phi3": (T.Phi3Config, T.Phi3ForCausalLM, dict(num_key_value_heads=2, sliding_window=6,
                                                    partial_rotary_factor=0.5, pad_token_id=0,
                                                    bos_token_id=1, eos_token_id=2)),
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(num_key_value_heads=2, head_dim=24)),
 }
 NAMES = list(FAMILIES)
 _BUILT: dict = {}
@@ -73,6 +74,8 @@ def transformers4_layout(folder: Path) -> None:
     d["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else \
         {**{k: v for k, v in scaling.items() if k != "rope_type"}, "rope_type": scaling["rope_type"]}
     d["torch_dtype"] = d.pop("dtype", "float32")
+    if d["model_type"] == "gemma":  # the released Gemma configs say "gelu" and mean tanh GELU
+        d["hidden_act"] = "gelu"
     (folder / "config.json").write_text(json.dumps(d))
 
 
@@ -137,6 +140,8 @@ def test_specs_state_what_each_family_is(tmp_path_factory):
     assert spec["pythia"].parallel_attn_mlp and spec["pythia"].rotary_dim == 4
     assert not spec["neox_sequential"].parallel_attn_mlp and spec["neox_sequential"].rotary_dim == 8
     assert spec["phi3"].rotary_dim == 8 and spec["phi3"].window == 6
+    assert spec["gemma"].norm_offset == 1.0 and spec["gemma"].embed_scale == 8.0
+    assert spec["gemma"].tied_embeddings and spec["gemma"].act_fn == "gelu_new" and spec["gemma"].d_head == 24
     assert all(not s.positional_embedding for s in spec.values())
 
 
@@ -465,7 +470,7 @@ def test_processing_applied_to_each_family_is_what_the_docs_say(tmp_path_factory
     rms = ["fold_layer_norm", "center_unembed"]
     ln = ["fold_layer_norm", "center_writing_weights", "center_unembed", "fold_value_biases"]
     expected = {"llama": rms, "llama3": rms, "mistral": rms, "qwen2": rms, "qwen3": rms,
-                "phi3": rms, "pythia": ln, "neox_sequential": ln}
+                "phi3": rms, "gemma": rms, "pythia": ln, "neox_sequential": ln}
     for name, steps in expected.items():
         model = from_pretrained(checkpoint(name, tmp_path_factory)[1])
         assert applied_steps(model) == steps, name
@@ -550,3 +555,16 @@ def test_patching_keys_per_head_under_gqa_patches_key_value_heads(tmp_path_facto
     estimate = patching.attribution_patch(model, clean, corrupted, metric, site="v", per="head_pos",
                                           progress=False)
     assert estimate.values.shape == (model.cfg.n_layers, model.cfg.n_kv_heads, clean.shape[1])
+
+
+@pytest.mark.parametrize("process", [False, True])
+def test_gemma_offset_embedding_scale_and_tying_survive_save_and_load(tmp_path_factory, tmp_path, process):
+    hf, folder = checkpoint("gemma", tmp_path_factory)
+    model = from_pretrained(folder, process=process)
+    assert model.cfg.tied_embeddings != process  # processing unties (it centres W_U)
+    model.save(tmp_path / "saved")
+    again = lens.HookedGPT.from_pretrained(tmp_path / "saved", process=process)
+    assert again.cfg == model.cfg
+    toks = tokens()
+    assert (lens_log_probs(again, toks) - hf_log_probs(hf, toks)).abs().max() <= 1e-4
+    assert torch.equal(lens_log_probs(again, toks), lens_log_probs(model, toks))
