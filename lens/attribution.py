@@ -83,7 +83,9 @@ class Attribution:
     """Each component's direct contribution to a logit difference, prompt by prompt.
 
     values.sum(0) + constant == logit_diff: the components through the frozen final LayerNorm,
-    plus LN bias · direction + the b_U difference, give the model's logit difference."""
+    plus LN bias · direction + the b_U difference, give the model's logit difference. With a
+    final soft-cap (final_softcap) the unembedding is linear only before the cap, so logit_diff
+    and the values are the logit difference before the cap."""
 
     values: Float[Tensor, "component batch"]
     labels: list
@@ -289,5 +291,7 @@ def logit_lens(model, cache: Optional[ActivationCache] = None, pos: Pos = -1,
     else:
         normed = _ln_final(model, stack)
     logits = normed @ _like(model.W_U, normed) + _like(model.b_U, normed)
+    if cfg.final_softcap is not None:  # read as the model reads its own final stream
+        logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
     labels = [f"{l}_pre" for l in range(L)] + ["final_post"]
     return LogitLens(torch.log_softmax(logits, dim=-1), labels)

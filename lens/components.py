@@ -280,8 +280,9 @@ class Attention(nn.Module):
     """Multi-head causal self-attention; each head reads the stream and writes back through W_O.
     Under grouped-query attention query head h reads key/value head h // (n_heads / n_kv_heads).
 
-    With no hook on hook_attn_scores/hook_pattern it runs scaled_dot_product_attention; with one
-    it materialises the pattern. hook_result (per-head writes) is computed only when hooked.
+    With no hook on hook_attn_scores/hook_pattern (and no soft-cap on the scores) it runs
+    scaled_dot_product_attention; otherwise it materialises the pattern. hook_result (per-head
+    writes) is computed only when hooked.
     """
 
     def __init__(self, cfg: GPTConfig, window: Optional[int] = None):
@@ -289,6 +290,8 @@ class Attention(nn.Module):
         h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
         self.n_heads, self.n_kv_heads, self.d_head, self.d_model = h, kv, e, d
         self.window = window
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(e)
+        self.softcap = cfg.attn_softcap
         self.W_Q = weight((h, d, e), (0, 2, 1), cfg.dtype)
         self.W_K = weight((kv, d, e), (0, 2, 1), cfg.dtype)
         self.W_V = weight((kv, d, e), (0, 2, 1), cfg.dtype)
@@ -336,8 +339,8 @@ class Attention(nn.Module):
         if past_kv is not None:
             k, v = past_kv.append(k, v)
         mask = run.mask_for(q.shape[1], k.shape[1], self.window, q.device)
-        scale = 1.0 / math.sqrt(self.d_head)
-        if self.hook_attn_scores.active or self.hook_pattern.active:
+        scale = self.scale
+        if self.softcap is not None or self.hook_attn_scores.active or self.hook_pattern.active:
             z = self.materialised(q, k, v, mask, scale)
         else:
             z = F.scaled_dot_product_attention(
@@ -361,6 +364,8 @@ class Attention(nn.Module):
                      scale: float) -> Float[Tensor, "batch query_pos n_heads d_head"]:
         k, v = self.per_query_head(k, 2), self.per_query_head(v, 2)
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * scale
+        if self.softcap is not None:  # hook_attn_scores sees the capped scores
+            scores = self.softcap * torch.tanh(scores / self.softcap)
         if mask is None:
             mask = _causal(*scores.shape[-2:], q.device)
         scores = self.hook_attn_scores.run(scores.masked_fill(~mask, float("-inf")))

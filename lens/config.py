@@ -37,7 +37,10 @@ class GPTConfig:
     rotary_base^(-2i/rotary_dim), rope_scaling {"type": "linear" | "llama3", ...}), or neither.
     Attention: attn_bias (b_Q, b_K, b_V), attn_out_bias (b_O), qk_norm "head" (an RMSNorm over
     each head's query and key, before rotary), window (keys more than window - 1 positions back
-    are masked) on windowed_layers (default every layer).
+    are masked) on windowed_layers (default every layer), attn_scale (what scores are multiplied
+    by; default 1/√d_head), attn_softcap (scores become c·tanh(scores / c), which needs the
+    materialised pattern instead of SDPA).
+    Logits: final_softcap (logits become c·tanh(logits / c)).
     MLP: none when attn_only, else act(x W_in + b_in) W_out + b_out, or gated_mlp:
     (act(x W_gate) * (x W_in)) W_out; mlp_bias says whether b_in, b_out exist.
     Block: parallel_attn_mlp (attention and MLP both read the block's input, as in GPT-NeoX).
@@ -77,6 +80,9 @@ class GPTConfig:
     unembed_bias: bool = True
     norm_offset: float = 0.0
     embed_scale: float = 1.0
+    attn_scale: Optional[float] = None
+    attn_softcap: Optional[float] = None
+    final_softcap: Optional[float] = None
 
     def __post_init__(self):
         if isinstance(self.dtype, str):
@@ -111,6 +117,10 @@ class GPTConfig:
             problems.append(f"normalization={self.normalization!r} is not one of {NORMALIZATIONS}")
         if self.qk_norm not in QK_NORMS:
             problems.append(f"qk_norm={self.qk_norm!r} is not one of {QK_NORMS}")
+        for name in ("attn_scale", "attn_softcap", "final_softcap"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                problems.append(f"{name}={v!r} must be a positive number or None")
         for name in ("norm_offset", "embed_scale"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
                 problems.append(f"{name}={getattr(self, name)!r} must be a number")

@@ -299,13 +299,17 @@ class HookedGPT(Hookable, nn.Module):
 
     def unembed_stage(self, resid: Float[Tensor, "batch pos d_model"],
                       positions: Optional[Tensor] = None) -> Float[Tensor, "batch pos d_vocab"]:
-        """The final norm, the unembedding and hook_logits on the stream after the last block.
+        """The final norm, the unembedding (and the final soft-cap) and hook_logits on the stream
+        after the last block.
         `positions` (when given) are what hook.positions reports during this stage."""
         token = None if positions is None else POSITIONS.set(positions)
         try:
             if self.ln_final is not None:
                 resid = self.ln_final(resid)
-            return self.hook_logits.run(self.unembed(resid))
+            logits = self.unembed(resid)
+            if self.cfg.final_softcap is not None:
+                logits = softcap(logits, self.cfg.final_softcap)
+            return self.hook_logits.run(logits)
         finally:
             if token is not None:
                 POSITIONS.reset(token)
@@ -385,6 +389,11 @@ class HookedGPT(Hookable, nn.Module):
     def get_token_position(self, single_token, input, mode: str = "first", prepend_bos: bool = True) -> int:
         from lens import tokenizer as T
         return T.get_token_position(self._tok(), single_token, input, mode=mode, prepend_bos=prepend_bos)
+
+
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """cap · tanh(x / cap): x squashed into (-cap, cap), nearly unchanged where |x| ≪ cap."""
+    return cap * torch.tanh(x / cap)
 
 
 def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],

@@ -224,6 +224,9 @@ def center_unembed(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = No
     """Centre W_U and b_U over the vocabulary. Softmax ignores a constant added to every logit,
     so log-probs and probabilities are unchanged; the logits themselves shift."""
     W = _Weights(target, cfg)
+    if W.cfg.final_softcap is not None:
+        raise ValueError(f"center_unembed would change the output: the logits pass through a "
+                         f"soft-cap (final_softcap={W.cfg.final_softcap}), which is not shift-invariant")
     W.untie()
     W_U = W["unembed.W_U"]
     W["unembed.W_U"] = W_U.sub_(W_U.mean(-1, keepdim=True))  # in place: no second W_U
@@ -282,7 +285,8 @@ def process_weights(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = N
         spec = _Weights(target, cfg).cfg
         applicable = {"fold_layer_norm": spec.normalization in ("LN", "RMS"),
                       "center_writing_weights": spec.norm_kind == "LN",
-                      "fold_value_biases": spec.attn_bias and spec.attn_out_bias}
+                      "fold_value_biases": spec.attn_bias and spec.attn_out_bias,
+                      "center_unembed": spec.final_softcap is None}
         if not strict and not applicable.get(step, True):
             continue
         _FUNCTIONS[step](target, cfg)

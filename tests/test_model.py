@@ -352,3 +352,37 @@ def test_config_validation_names_the_fields():
     assert lens.GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown GPTConfig fields"):
         lens.GPTConfig.from_dict({**cfg.to_dict(), "rotary": True})
+
+
+def test_soft_capped_scores_and_logits_and_the_attention_scale():
+    """attn_softcap / final_softcap / attn_scale (Gemma-2's choices) against the equations."""
+    from lens.attribution import direct_logit_attribution, dla_hook_names, logit_lens
+    from lens.processing import applied_steps, process_weights
+    cap, final, scale = 2.0, 3.0, 0.7
+    model = make_model(n_heads=2, attn_softcap=cap, final_softcap=final, attn_scale=scale).double()
+    tokens = make_tokens(model)
+    logits, cache = model.run_with_cache(tokens)
+    q, k = cache["q", 1], cache["k", 1]
+    raw = torch.einsum("bqhe,bkhe->bhqk", q, k) * scale
+    n = tokens.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    want = (cap * torch.tanh(raw / cap)).masked_fill(~causal, -math.inf)
+    torch.testing.assert_close(cache["attn_scores", 1], want)
+    assert float(cache["attn_scores", 1].max()) < cap
+    resid = cache["resid_post", 1]
+    before_cap = model.ln_final(resid) @ model.W_U + model.b_U
+    torch.testing.assert_close(logits, final * torch.tanh(before_cap / final))
+    assert float(logits.detach().abs().max()) < final
+    # DLA is linear only before the cap: it adds up to the logit difference before the cap
+    _, dla_cache = model.run_with_cache(tokens, names_filter=dla_hook_names(model, "head"))
+    attr = direct_logit_attribution(model, dla_cache, [3, 4], [5, 6], per="head")
+    want_diff = before_cap[:, -1, [3, 4]].diagonal() - before_cap[:, -1, [5, 6]].diagonal()
+    torch.testing.assert_close(attr.values.sum(0) + attr.constant, want_diff)
+    torch.testing.assert_close(logit_lens(model, tokens=tokens).log_probs[-1], logits[:, -1].log_softmax(-1))
+    # centring the unembedding is not exact before a soft-cap: skipped, and refused when asked
+    with pytest.raises(ValueError, match="soft-cap"):
+        process_weights(model, fold_ln=False, center_writing_weights=False, fold_value_biases=False)
+    before = model(tokens).log_softmax(-1)
+    process_weights(model, strict=False)
+    assert "center_unembed" not in applied_steps(model)
+    torch.testing.assert_close(model(tokens).log_softmax(-1), before)
