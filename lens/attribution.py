@@ -128,7 +128,9 @@ def direct_logit_attribution(model, cache: ActivationCache, answer_tokens: Token
 
     per: "component" (embed, pos_embed, each attn_out and mlp_out), "layer" (embeddings, then
     attn_out + mlp_out of each layer), "head" (each head's z·W_O, then a remainder holding the
-    embeddings, MLPs and b_O), or "neuron" (post · W_out row, then a remainder). The cache needs
+    embeddings, MLPs and b_O), or "neuron" (post · W_out row, then a remainder). Where a
+    post-norm follows the sublayer (post_norms), heads and neurons go through it with its cached
+    scale frozen, as the final norm's is. The cache needs
     the final stream, ln_final.hook_scale and what `per` reads (see dla_hook_names)."""
     if per not in PER:
         raise ValueError(f"per={per!r}; valid values are {PER}")
@@ -160,20 +162,27 @@ def direct_logit_attribution(model, cache: ActivationCache, answer_tokens: Token
     def dot(name: str) -> Float[Tensor, "batch"]:
         return (at(name) * read).sum(-1)
 
+    def through_post_norm(l: int, norm: str) -> Float[Tensor, "batch d_model"]:
+        """What a head's or neuron's write is dotted with: `read`, through the block's post-norm
+        with its scale frozen where one follows the sublayer (post_norms)."""
+        if not getattr(model.blocks[l], "post_norms", False):
+            return read
+        return getattr(model.blocks[l], norm).read_through(read, at(sites.name("scale", l, norm)))
+
     labels, values = [], []
     if per in ("head", "neuron"):
         for l in range(cfg.n_layers):
             if per == "head":
                 z = at(sites.name("z", l))  # [batch, n_heads, d_head]
                 W_O = _like(model.blocks[l].attn.W_O, z)
-                values.append(torch.einsum("bhe,hed,bd->hb", z, W_O, read))
+                values.append(torch.einsum("bhe,hed,bd->hb", z, W_O, through_post_norm(l, "ln1_post")))
                 labels += [f"L{l}H{h}" for h in range(cfg.n_heads)]
             else:
                 if cfg.attn_only:
                     raise ValueError("per='neuron' on an attention-only model: it has no neurons")
                 post = at(sites.name("post", l))  # [batch, d_mlp]
                 W_out = _like(model.blocks[l].mlp.W_out, post)
-                values.append((post * (read @ W_out.T)).T)
+                values.append((post * (through_post_norm(l, "ln2_post") @ W_out.T)).T)
                 labels += [f"L{l}N{n}" for n in range(cfg.d_mlp)]
         values = torch.cat(values)
         rest = (resid * read).sum(-1) - values.sum(0)
@@ -220,6 +229,9 @@ def dla_hook_names(model, per: str = "layer") -> list[str]:
         names += [sites.name("z", l) for l in range(L)]
     elif per == "neuron":
         names += [sites.name("post", l) for l in range(L)]
+    if per in ("head", "neuron") and cfg.post_norms and cfg.normalization is not None:
+        norm = "ln1_post" if per == "head" else "ln2_post"
+        names += [sites.name("scale", l, norm) for l in range(L)]
     else:
         names += ["hook_embed"] + (["hook_pos_embed"] if cfg.positional_embedding else [])
         for l in range(L):

@@ -252,13 +252,26 @@ class ActivationCache(Mapping):
         return (stack, labels) if return_labels else stack
 
     def head_results(self, layer: int) -> Float[Tensor, "batch pos n_heads d_model"]:
-        """Each head's write to the stream at `layer`: hook_result, or z @ W_O when only z is cached."""
+        """Each head's write to the stream at `layer`: hook_result, or z @ W_O when only z is cached.
+        Where a post-norm follows attention (post_norms) each write goes through it with its scale
+        frozen from the cache (ln1_post.hook_scale), so the heads add up to hook_attn_out (less
+        the post-normed b_O)."""
         name = sites.name("result", layer)
         if name in self.cache_dict:
-            return self.cache_dict[name]
-        z = self[sites.name("z", layer)]
-        W_O = self.model.blocks[layer].attn.W_O.to(z.device, z.dtype)
-        return torch.einsum("...hd,hdm->...hm", z, W_O)
+            result = self.cache_dict[name]
+        else:
+            z = self[sites.name("z", layer)]
+            W_O = self.model.blocks[layer].attn.W_O.to(z.device, z.dtype)
+            result = torch.einsum("...hd,hdm->...hm", z, W_O)
+        return self._through_post_norm(result, layer, "ln1_post", head_axis=True)
+
+    def _through_post_norm(self, writes: Tensor, layer: int, norm: str, head_axis: bool = False) -> Tensor:
+        """Writes [..., batch, pos, (heads,) d_model] through a block's post-norm, scale frozen."""
+        block = self.model.blocks[layer]
+        if not getattr(block, "post_norms", False):
+            return writes
+        scale = self[sites.name("scale", layer, norm)]
+        return getattr(block, norm).frozen(writes, scale[..., None, :] if head_axis else scale)
 
     def stack_head_results(self, layer: Optional[int] = None, return_labels: bool = False,
                            incl_remainder: bool = False, pos_slice: PosSlice = None,
@@ -297,7 +310,11 @@ class ActivationCache(Mapping):
             W_out = self.model.blocks[l].mlp.W_out.to(post.device, post.dtype)
             ids = torch.arange(W_out.shape[0])[nidx]
             post, W_out = post[..., ids], W_out[ids]
-            parts.append(torch.einsum("...n,nd->n...d", post, W_out))
+            writes = torch.einsum("...n,nd->n...d", post, W_out)
+            if getattr(self.model.blocks[l], "post_norms", False):
+                scale = self._pos(self[sites.name("scale", l, "ln2_post")], pos_slice, pdim - 1)
+                writes = self.model.blocks[l].ln2_post.frozen(writes, scale)
+            parts.append(writes)
             labels += [f"L{l}N{int(n)}" for n in ids]
         stack = torch.cat(parts)
         if incl_remainder:

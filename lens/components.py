@@ -199,11 +199,14 @@ class Norm(nn.Module):
 LayerNorm = Norm  # the name lens used when LayerNorm was the only norm
 
 
-def make_norm(cfg: GPTConfig, length: Optional[int] = None) -> Optional[Norm]:
+def make_norm(cfg: GPTConfig, length: Optional[int] = None, post: bool = False) -> Optional[Norm]:
+    """A norm of the spec's kind; a post-norm keeps its weight whatever folding did to the rest
+    (nothing linear follows it to take the weight)."""
     if cfg.normalization is None:
         return None
-    return Norm(cfg.norm_kind, length or cfg.d_model, cfg.eps,
-                affine=not cfg.normalization.endswith("Pre"), dtype=cfg.dtype, offset=cfg.norm_offset)
+    affine = post or not cfg.normalization.endswith("Pre")
+    return Norm(cfg.norm_kind, length or cfg.d_model, cfg.eps, affine=affine, dtype=cfg.dtype,
+                offset=cfg.norm_offset)
 
 
 # ---------------------------------------------------------------------- rotary positions
@@ -410,8 +413,10 @@ class MLP(nn.Module):
 # ---------------------------------------------------------------------- block
 class Block(nn.Module):
     """Sequential: x += attn(ln1(x)); x += mlp(ln2(x)). Parallel (parallel_attn_mlp): x +=
-    attn(ln1(x)) + mlp(ln2(x)), both reading the block's input. Attention-only blocks have no
-    second half; parallel ones no hook_resid_mid."""
+    attn(ln1(x)) + mlp(ln2(x)), both reading the block's input. With post_norms each sublayer's
+    output (hook_attn_out_pre / hook_mlp_out_pre) passes through ln1_post / ln2_post before it is
+    added; hook_attn_out / hook_mlp_out are always what is added to the stream. Attention-only
+    blocks have no second half; parallel ones no hook_resid_mid."""
 
     def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
@@ -425,6 +430,10 @@ class Block(nn.Module):
         self.hook_k_input = HookPoint()
         self.hook_v_input = HookPoint()
         self.hook_attn_out = HookPoint()
+        self.post_norms = cfg.post_norms and cfg.normalization is not None
+        if self.post_norms:
+            self.hook_attn_out_pre = HookPoint()
+            self.ln1_post = make_norm(cfg, post=True)
         self.has_mlp = cfg.has_mlp
         if self.has_mlp:
             self.ln2 = make_norm(cfg)
@@ -432,6 +441,9 @@ class Block(nn.Module):
             if not self.parallel:
                 self.hook_resid_mid = HookPoint()
             self.hook_mlp_in = HookPoint()
+            if self.post_norms:
+                self.hook_mlp_out_pre = HookPoint()
+                self.ln2_post = make_norm(cfg, post=True)
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
@@ -455,6 +467,8 @@ class Block(nn.Module):
                 past_kv: Optional[KVCacheEntry] = None) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_resid_pre.run(resid)
         attn_out = self.attn(*self.attn_inputs(resid), run=run, past_kv=past_kv)
+        if self.post_norms:
+            attn_out = self.ln1_post(self.hook_attn_out_pre.run(attn_out))
         attn_out = self.hook_attn_out.run(attn_out)
         if not self.has_mlp:
             return self.hook_resid_post.run(resid + attn_out)
@@ -463,7 +477,10 @@ class Block(nn.Module):
         else:
             resid = self.hook_resid_mid.run(resid + attn_out)
             mlp_in = self.hook_mlp_in.run(resid)
-        mlp_out = self.hook_mlp_out.run(self.mlp(mlp_in if self.ln2 is None else self.ln2(mlp_in)))
+        mlp_out = self.mlp(mlp_in if self.ln2 is None else self.ln2(mlp_in))
+        if self.post_norms:
+            mlp_out = self.ln2_post(self.hook_mlp_out_pre.run(mlp_out))
+        mlp_out = self.hook_mlp_out.run(mlp_out)
         if self.parallel:
             return self.hook_resid_post.run(resid + attn_out + mlp_out)
         return self.hook_resid_post.run(resid + mlp_out)

@@ -43,7 +43,9 @@ class GPTConfig:
     Logits: final_softcap (logits become c·tanh(logits / c)).
     MLP: none when attn_only, else act(x W_in + b_in) W_out + b_out, or gated_mlp:
     (act(x W_gate) * (x W_in)) W_out; mlp_bias says whether b_in, b_out exist.
-    Block: parallel_attn_mlp (attention and MLP both read the block's input, as in GPT-NeoX).
+    Block: parallel_attn_mlp (attention and MLP both read the block's input, as in GPT-NeoX);
+    post_norms (a norm with its own weight after the attention and after the MLP, before each
+    is added to the stream, as in Gemma-2; never folded).
     Unembedding: tied_embeddings (W_U is W_Eᵀ, one tensor), unembed_bias (b_U; checkpoints
     without one load without it, and processing adds it when folding a norm's bias needs it;
     model.b_U reads as zeros where there is none).
@@ -81,6 +83,7 @@ class GPTConfig:
     norm_offset: float = 0.0
     embed_scale: float = 1.0
     attn_scale: Optional[float] = None
+    post_norms: bool = False
     attn_softcap: Optional[float] = None
     final_softcap: Optional[float] = None
 
@@ -198,6 +201,8 @@ class GPTConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown GPTConfig fields {unknown}; valid fields are {sorted(known)}")
+        if isinstance(d.get("windowed_layers"), list):  # JSON has no tuples
+            d = {**d, "windowed_layers": tuple(d["windowed_layers"])}
         return cls(**d)
 
     def to_json(self) -> str:

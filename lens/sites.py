@@ -14,6 +14,8 @@ SITES: dict[str, tuple[Optional[str], tuple[str, ...]]] = {
     "resid_mid": ("", (B, P, "d_model")),
     "resid_post": ("", (B, P, "d_model")),
     "attn_out": ("", (B, P, "d_model")),
+    "attn_out_pre": ("", (B, P, "d_model")),
+    "mlp_out_pre": ("", (B, P, "d_model")),
     "mlp_in": ("", (B, P, "d_model")),
     "mlp_out": ("", (B, P, "d_model")),
     "q_input": ("", (B, P, "head", "d_model")),

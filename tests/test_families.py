@@ -34,6 +34,9 @@ FAMILIES = {
                                                    partial_rotary_factor=0.5, pad_token_id=0,
                                                    bos_token_id=1, eos_token_id=2)),
     "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(num_key_value_heads=2, head_dim=24)),
+    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, dict(
+        num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=20,
+        attn_logit_softcapping=2.0, final_logit_softcapping=4.0)),
 }
 NAMES = list(FAMILIES)
 _BUILT: dict = {}
@@ -142,6 +145,9 @@ def test_specs_state_what_each_family_is(tmp_path_factory):
     assert spec["phi3"].rotary_dim == 8 and spec["phi3"].window == 6
     assert spec["gemma"].norm_offset == 1.0 and spec["gemma"].embed_scale == 8.0
     assert spec["gemma"].tied_embeddings and spec["gemma"].act_fn == "gelu_new" and spec["gemma"].d_head == 24
+    g2 = spec["gemma2"]
+    assert g2.post_norms and g2.window == 5 and g2.windowed_layers == (0,)  # local, then global
+    assert (g2.attn_softcap, g2.final_softcap) == (2.0, 4.0) and abs(g2.attn_scale - 20 ** -0.5) < 1e-12
     assert all(not s.positional_embedding for s in spec.values())
 
 
@@ -223,7 +229,13 @@ def test_residual_identities(family_model):
         else:
             assert f"blocks.{l}.hook_resid_mid" not in model.hook_dict
         b_O = model.b_O[l]
-        torch.testing.assert_close(cache["result", l].sum(-2) + b_O, attn, atol=1e-12, rtol=0)
+        if cfg.post_norms:  # the heads' writes add up through the post-norm, its scale frozen
+            post = model.blocks[l].ln1_post
+            b_O = post.frozen(b_O, cache[f"blocks.{l}.ln1_post.hook_scale"])
+            torch.testing.assert_close(post(cache[f"blocks.{l}.hook_attn_out_pre"]), attn)
+        else:
+            torch.testing.assert_close(cache["result", l].sum(-2) + b_O, attn, atol=1e-12, rtol=0)
+        torch.testing.assert_close(cache.head_results(l).sum(-2) + b_O, attn, atol=1e-12, rtol=0)
         assert cache["k", l].shape[-2] == cfg.n_kv_heads and cache["q", l].shape[-2] == cfg.n_heads
     final = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
     torch.testing.assert_close(cache.decompose_resid(layer=None).sum(0), final, atol=1e-12, rtol=0)
@@ -242,6 +254,9 @@ def test_dla_plus_its_constants_is_the_logit_difference(tmp_path_factory, proces
                                 dtype=torch.float64)
         toks = tokens()
         logits, cache = model.run_with_cache(toks, names_filter=dla_hook_names(model, per))
+        if model.cfg.final_softcap is not None:  # DLA is linear, and so reported, before the cap
+            final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+            logits = model.ln_final.plain(final) @ model.W_U + model.b_U
         attr = direct_logit_attribution(model, cache, answer_tokens=[3, 4], wrong_tokens=[5, 6], per=per)
         expected = logits[:, -1, [3, 4]].diagonal() - logits[:, -1, [5, 6]].diagonal()
         torch.testing.assert_close(attr.logit_diff, expected, atol=1e-9, rtol=0, msg=name)
@@ -470,7 +485,8 @@ def test_processing_applied_to_each_family_is_what_the_docs_say(tmp_path_factory
     rms = ["fold_layer_norm", "center_unembed"]
     ln = ["fold_layer_norm", "center_writing_weights", "center_unembed", "fold_value_biases"]
     expected = {"llama": rms, "llama3": rms, "mistral": rms, "qwen2": rms, "qwen3": rms,
-                "phi3": rms, "gemma": rms, "pythia": ln, "neox_sequential": ln}
+                "phi3": rms, "gemma": rms, "gemma2": ["fold_layer_norm"], "pythia": ln,
+                "neox_sequential": ln}
     for name, steps in expected.items():
         model = from_pretrained(checkpoint(name, tmp_path_factory)[1])
         assert applied_steps(model) == steps, name

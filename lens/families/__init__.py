@@ -6,7 +6,8 @@ from lens.families.common import Family, Plan, refuse_unknown
 from lens.families import gemma, gpt2, llama, neox, phi3
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in
-                               (gpt2.FAMILY, *llama.FAMILIES, neox.FAMILY, phi3.FAMILY, gemma.FAMILY)}
+                               (gpt2.FAMILY, *llama.FAMILIES, neox.FAMILY, phi3.FAMILY, gemma.FAMILY,
+                                gemma.FAMILY2)}
 
 
 def family(hf: dict) -> Family:

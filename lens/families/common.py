@@ -172,7 +172,8 @@ def rope(d: dict, head_dim: int, problems: Problems) -> dict:
 
 def windows(d: dict, n_layers: int, problems: Problems, rule: str) -> dict:
     """GPTConfig's window fields: from `layer_types` (transformers 5), else from
-    `sliding_window` on every layer (rule "all": Mistral and Phi-3), on layers >=
+    `sliding_window` on every layer (rule "all": Mistral and Phi-3), on every other layer from
+    layer 0 (rule "alternate": Gemma-2), on layers >=
     max_window_layers when use_sliding_window is set (rule "qwen": Qwen's transformers 4
     configs), or nowhere (rule "none": a window there is refused)."""
     window = d.get("sliding_window")
@@ -186,6 +187,8 @@ def windows(d: dict, n_layers: int, problems: Problems, rule: str) -> dict:
         layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
     elif rule == "all":
         layers = list(range(n_layers)) if window else []
+    elif rule == "alternate":  # Gemma-2's transformers 4 configs: even layers are local
+        layers = [i for i in range(n_layers) if i % 2 == 0] if window else []
     elif rule == "qwen":
         start = d.get("max_window_layers", 0) or 0
         layers = [i for i in range(n_layers) if i >= start] if d.get("use_sliding_window") else []
