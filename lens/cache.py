@@ -345,6 +345,8 @@ class ActivationCache(Mapping):
             return residual_stack
         ln = self.model.ln_final if layer == cfg.n_layers else (
             self.model.blocks[layer].ln2 if mlp_input else self.model.blocks[layer].ln1)
+        if ln is None:  # nothing normalises the stream where this block reads it (OLMo-2)
+            return residual_stack
         scale = self.ln_scale(layer, mlp_input)
         if self.has_batch_dim:
             scale = _index_dim(scale, 0, pos_index(batch_slice))

@@ -303,11 +303,13 @@ class Attention(nn.Module):
         self.b_K = _bias(cfg.attn_bias, (kv, e), cfg.dtype)
         self.b_V = _bias(cfg.attn_bias, (kv, e), cfg.dtype)
         self.b_O = _bias(cfg.attn_out_bias, d, cfg.dtype)
+        self.q_norm = self.k_norm = self.q_ln = self.k_ln = None
         if cfg.qk_norm == "head":
             self.q_norm = Norm("RMS", e, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
             self.k_norm = Norm("RMS", e, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
-        else:
-            self.q_norm = self.k_norm = None
+        elif cfg.qk_norm == "proj":  # one norm over every head's query (key), [batch, pos, heads * d_head]
+            self.q_ln = Norm("RMS", h * e, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
+            self.k_ln = Norm("RMS", kv * e, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
         self.rotary = cfg.rotary_dim > 0
         names = ["q", "k", "v"] + (["rot_q", "rot_k"] if self.rotary else [])
         for name in names + ["attn_scores", "pattern", "z", "result"]:
@@ -335,6 +337,8 @@ class Attention(nn.Module):
         v = self.hook_v.run(self.project(v_in, self.W_V, self.b_V))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        elif self.q_ln is not None:
+            q, k = self.q_ln(q.flatten(-2)).view_as(q), self.k_ln(k.flatten(-2)).view_as(k)
         if self.rotary:
             cos, sin = run.rope
             q = self.hook_rot_q.run(apply_rotary(q, cos, sin))
@@ -423,7 +427,7 @@ class Block(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.parallel = cfg.parallel_attn_mlp and cfg.has_mlp
-        self.ln1 = make_norm(cfg)
+        self.ln1 = make_norm(cfg) if cfg.pre_norms else None
         self.attn = Attention(cfg, cfg.window_of(layer))
         self.hook_resid_pre = HookPoint()
         self.hook_q_input = HookPoint()
@@ -436,7 +440,7 @@ class Block(nn.Module):
             self.ln1_post = make_norm(cfg, post=True)
         self.has_mlp = cfg.has_mlp
         if self.has_mlp:
-            self.ln2 = make_norm(cfg)
+            self.ln2 = make_norm(cfg) if cfg.pre_norms else None
             self.mlp = MLP(cfg)
             if not self.parallel:
                 self.hook_resid_mid = HookPoint()

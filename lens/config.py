@@ -11,7 +11,7 @@ import torch
 
 ACT_FNS = ("gelu", "gelu_new", "relu", "silu")
 NORMALIZATIONS = ("LN", "LNPre", "RMS", "RMSPre", None)
-QK_NORMS = (None, "head")
+QK_NORMS = (None, "head", "proj")
 ROPE_SCALINGS = {"linear": ("factor",),
                  "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                             "original_max_position_embeddings")}
@@ -36,7 +36,8 @@ class GPTConfig:
     (rotary embeddings on the first rotary_dim dims of each query and key head, frequencies
     rotary_base^(-2i/rotary_dim), rope_scaling {"type": "linear" | "llama3", ...}), or neither.
     Attention: attn_bias (b_Q, b_K, b_V), attn_out_bias (b_O), qk_norm "head" (an RMSNorm over
-    each head's query and key, before rotary), window (keys more than window - 1 positions back
+    each head's query and key, before rotary; attn.q_norm / k_norm) or "proj" (over all heads'
+    queries, and all keys, at once, as OLMo-2; attn.q_ln / k_ln), window (keys more than window - 1 positions back
     are masked) on windowed_layers (default every layer), attn_scale (what scores are multiplied
     by; default 1/√d_head), attn_softcap (scores become c·tanh(scores / c), which needs the
     materialised pattern instead of SDPA).
@@ -45,7 +46,8 @@ class GPTConfig:
     (act(x W_gate) * (x W_in)) W_out; mlp_bias says whether b_in, b_out exist.
     Block: parallel_attn_mlp (attention and MLP both read the block's input, as in GPT-NeoX);
     post_norms (a norm with its own weight after the attention and after the MLP, before each
-    is added to the stream, as in Gemma-2; never folded).
+    is added to the stream, as in Gemma-2; never folded); pre_norms=False builds no ln1 / ln2
+    (OLMo-2: the sublayers read the stream itself and only their outputs are normalised).
     Unembedding: tied_embeddings (W_U is W_Eᵀ, one tensor), unembed_bias (b_U; checkpoints
     without one load without it, and processing adds it when folding a norm's bias needs it;
     model.b_U reads as zeros where there is none).
@@ -84,6 +86,7 @@ class GPTConfig:
     embed_scale: float = 1.0
     attn_scale: Optional[float] = None
     post_norms: bool = False
+    pre_norms: bool = True
     attn_softcap: Optional[float] = None
     final_softcap: Optional[float] = None
 

@@ -140,7 +140,7 @@ def _fold(W: Float[Tensor, "*heads d_model d_out"], b: Optional[Float[Tensor, "*
 def _readers(cfg: GPTConfig) -> list[tuple[str, list[tuple[str, str]]]]:
     """Each norm with its weight and bias, and the (weight, bias) pairs that read its output."""
     readers = []
-    for l in range(cfg.n_layers):
+    for l in range(cfg.n_layers if cfg.pre_norms else 0):
         p = f"blocks.{l}."
         readers.append((p + "ln1", [(p + f"attn.W_{x}", p + f"attn.b_{x}") for x in "QKV"]))
         if cfg.has_mlp:

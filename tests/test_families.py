@@ -37,6 +37,8 @@ FAMILIES = {
     "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, dict(
         num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=20,
         attn_logit_softcapping=2.0, final_logit_softcapping=4.0)),
+    "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, dict(num_key_value_heads=2, pad_token_id=0,
+                                                     eos_token_id=1)),
 }
 NAMES = list(FAMILIES)
 _BUILT: dict = {}
@@ -148,6 +150,8 @@ def test_specs_state_what_each_family_is(tmp_path_factory):
     g2 = spec["gemma2"]
     assert g2.post_norms and g2.window == 5 and g2.windowed_layers == (0,)  # local, then global
     assert (g2.attn_softcap, g2.final_softcap) == (2.0, 4.0) and abs(g2.attn_scale - 20 ** -0.5) < 1e-12
+    olmo = spec["olmo2"]
+    assert olmo.post_norms and not olmo.pre_norms and olmo.qk_norm == "proj"
     assert all(not s.positional_embedding for s in spec.values())
 
 
@@ -485,7 +489,7 @@ def test_processing_applied_to_each_family_is_what_the_docs_say(tmp_path_factory
     rms = ["fold_layer_norm", "center_unembed"]
     ln = ["fold_layer_norm", "center_writing_weights", "center_unembed", "fold_value_biases"]
     expected = {"llama": rms, "llama3": rms, "mistral": rms, "qwen2": rms, "qwen3": rms,
-                "phi3": rms, "gemma": rms, "gemma2": ["fold_layer_norm"], "pythia": ln,
+                "phi3": rms, "gemma": rms, "gemma2": ["fold_layer_norm"], "olmo2": rms, "pythia": ln,
                 "neox_sequential": ln}
     for name, steps in expected.items():
         model = from_pretrained(checkpoint(name, tmp_path_factory)[1])

@@ -3,11 +3,11 @@ tensor names → lens weights (a plan). Every HF option lens does not implement 
 name; nothing here is read by the forward pass."""
 
 from lens.families.common import Family, Plan, refuse_unknown
-from lens.families import gemma, gpt2, llama, neox, phi3
+from lens.families import gemma, gpt2, llama, neox, olmo2, phi3
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in
                                (gpt2.FAMILY, *llama.FAMILIES, neox.FAMILY, phi3.FAMILY, gemma.FAMILY,
-                                gemma.FAMILY2)}
+                                gemma.FAMILY2, olmo2.FAMILY)}
 
 
 def family(hf: dict) -> Family:
