@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lens import sites
 from lens.cache import ActivationCache
+from lens.components import softcap
 
 Tokens = Union[int, str, Sequence, Tensor]
 Pos = Union[int, Tensor]
@@ -165,7 +166,7 @@ def direct_logit_attribution(model, cache: ActivationCache, answer_tokens: Token
     def through_post_norm(l: int, norm: str) -> Float[Tensor, "batch d_model"]:
         """What a head's or neuron's write is dotted with: `read`, through the block's post-norm
         with its scale frozen where one follows the sublayer (post_norms)."""
-        if not getattr(model.blocks[l], "post_norms", False):
+        if not model.blocks[l].post_norms:
             return read
         return getattr(model.blocks[l], norm).read_through(read, at(sites.name("scale", l, norm)))
 
@@ -304,6 +305,6 @@ def logit_lens(model, cache: Optional[ActivationCache] = None, pos: Pos = -1,
         normed = _ln_final(model, stack)
     logits = normed @ _like(model.W_U, normed) + _like(model.b_U, normed)
     if cfg.final_softcap is not None:  # read as the model reads its own final stream
-        logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+        logits = softcap(logits, cfg.final_softcap)
     labels = [f"{l}_pre" for l in range(L)] + ["final_post"]
     return LogitLens(torch.log_softmax(logits, dim=-1), labels)

@@ -263,12 +263,14 @@ class ActivationCache(Mapping):
             z = self[sites.name("z", layer)]
             W_O = self.model.blocks[layer].attn.W_O.to(z.device, z.dtype)
             result = torch.einsum("...hd,hdm->...hm", z, W_O)
-        return self._through_post_norm(result, layer, "ln1_post", head_axis=True)
+        return self.through_post_norm(result, layer, "ln1_post", head_axis=True)
 
-    def _through_post_norm(self, writes: Tensor, layer: int, norm: str, head_axis: bool = False) -> Tensor:
-        """Writes [..., batch, pos, (heads,) d_model] through a block's post-norm, scale frozen."""
+    def through_post_norm(self, writes: Tensor, layer: int, norm: str, head_axis: bool = False) -> Tensor:
+        """Writes [..., batch, pos, (heads,) d_model] through block `layer`'s post-norm ("ln1_post"
+        after attention, "ln2_post" after the MLP) with its cached scale frozen; unchanged where
+        the block has no post-norms."""
         block = self.model.blocks[layer]
-        if not getattr(block, "post_norms", False):
+        if not block.post_norms:
             return writes
         scale = self[sites.name("scale", layer, norm)]
         return getattr(block, norm).frozen(writes, scale[..., None, :] if head_axis else scale)
@@ -311,7 +313,7 @@ class ActivationCache(Mapping):
             ids = torch.arange(W_out.shape[0])[nidx]
             post, W_out = post[..., ids], W_out[ids]
             writes = torch.einsum("...n,nd->n...d", post, W_out)
-            if getattr(self.model.blocks[l], "post_norms", False):
+            if self.model.blocks[l].post_norms:
                 scale = self._pos(self[sites.name("scale", l, "ln2_post")], pos_slice, pdim - 1)
                 writes = self.model.blocks[l].ln2_post.frozen(writes, scale)
             parts.append(writes)

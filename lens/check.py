@@ -30,7 +30,7 @@ IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, t
 RESID_POST = "resid_post = resid_pre + attn_out + mlp_out"
 RESID_POST_ATTN_ONLY = "resid_post = resid_pre + attn_out"
 RESID_MID = "resid_mid = resid_pre + attn_out"
-HEADS = "Σ_heads hook_result + b_O = attn_out"
+HEADS = "Σ_heads hook_result + b_O = attn_out (through a post-norm, its scale frozen)"
 DECOMPOSE = "decompose_resid().sum(0) = final resid_post"
 
 Tokens = Union[str, Sequence[int], Tensor]
@@ -230,7 +230,7 @@ def _log_probs(logits: Float[Tensor, "1 pos vocab"]) -> Float[Tensor, "1 pos voc
 def _wanted(name: str) -> bool:
     return name in ("hook_embed", "hook_pos_embed") or name.endswith(
         ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-         "attn.hook_result"))
+         "attn.hook_result", "ln1_post.hook_scale"))
 
 
 @torch.no_grad()
@@ -250,24 +250,23 @@ def _sequence_errors(model: HookedGPT, cache) -> list[tuple[str, float, str]]:
     """(identity, relative error, where) for every layer's identities and the decomposition."""
     out = [(name, err, f"layer {l}") for l in range(model.cfg.n_layers)
            for name, err in _block_errors(model, cache, l)]
-    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    final = cache["resid_post", model.cfg.n_layers - 1]
     out.append((DECOMPOSE, _rel(final, cache.decompose_resid(layer=None).sum(0)), "final stream"))
     return out
 
 
 def _block_errors(model: HookedGPT, cache, l: int) -> list[tuple[str, float]]:
     """Block l's identities: the stream's updates, and the heads summing to attn_out."""
-    block = f"blocks.{l}."
-    pre, attn, post = (cache[block + h] for h in
-                       ("hook_resid_pre", "hook_attn_out", "hook_resid_post"))
+    pre, attn, post = (cache[h, l] for h in ("resid_pre", "attn_out", "resid_post"))
     if model.cfg.has_mlp:
-        out = [(RESID_POST, _rel(post, pre + attn + cache[block + "hook_mlp_out"]))]
+        out = [(RESID_POST, _rel(post, pre + attn + cache["mlp_out", l]))]
     else:
         out = [(RESID_POST_ATTN_ONLY, _rel(post, pre + attn))]
-    if model.cfg.has_resid_mid and block + "hook_resid_mid" in model.hook_dict:
-        out.append((RESID_MID, _rel(cache[block + "hook_resid_mid"], pre + attn)))
-    b_O = model.b_O[l].detach().to(attn.device, attn.dtype)
-    out.append((HEADS, _rel(attn, cache[block + "attn.hook_result"].sum(2) + b_O)))
+    if model.cfg.has_resid_mid:
+        out.append((RESID_MID, _rel(cache["resid_mid", l], pre + attn)))
+    # the heads' writes (through a post-norm with its scale frozen, where one follows attention)
+    b_O = cache.through_post_norm(model.b_O[l].detach().to(attn.device, attn.dtype), l, "ln1_post")
+    out.append((HEADS, _rel(attn, cache.head_results(l).sum(-2) + b_O)))
     return out
 
 

@@ -135,12 +135,6 @@ class Norm(nn.Module):
             return out if self.w is None else out * self.w
         return F.rms_norm(x, (self.length,), self.w, self.eps)
 
-    def scale_of(self, x: Tensor) -> Tensor:
-        """The scale of each position's (centred) vector, in float32 under half precision."""
-        if self.centres:
-            x = x - x.mean(-1, keepdim=True)
-        return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-
     def by_hand(self, x: Tensor, hooked: bool = True) -> Tensor:
         """The same norm step by step, in float32 under half precision, running the hooks."""
         dtype = x.dtype
@@ -157,7 +151,7 @@ class Norm(nn.Module):
         if self.kind == "RMS" and not self.offset:  # Llama casts before the weight, Gemma after
             x = x.to(dtype)
         if self.w is not None:
-            x = x * (self.w + self.offset if self.offset else self.w)
+            x = x * self.weight(x)  # (offset + w) in x's dtype: float32 for Gemma, as HF
         if self.b is not None:
             x = x + self.b
         return x.to(dtype)
@@ -259,6 +253,17 @@ def apply_rotary(x: Float[Tensor, "batch pos heads d_head"], cos: Tensor, sin: T
 
 
 # ---------------------------------------------------------------------- attention
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """cap · tanh(x / cap): x squashed into (-cap, cap), nearly unchanged where |x| ≪ cap."""
+    return cap * torch.tanh(x / cap)
+
+
+def per_query_head(t: Tensor, groups: int, axis: int) -> Tensor:
+    """Key/value heads repeated along `axis` so that there is one per query head: under
+    grouped-query attention query head h reads key/value head h // groups."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=axis)
+
+
 class KVCacheEntry:
     """One block's keys and values so far, [batch, key_pos, n_kv_heads, d_head], as the hooks
     (hook_rot_k on rotary models, else hook_k; hook_v) returned them; new queries attend to
@@ -293,7 +298,7 @@ class Attention(nn.Module):
         h, kv, d, e = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
         self.n_heads, self.n_kv_heads, self.d_head, self.d_model = h, kv, e, d
         self.window = window
-        self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(e)
+        self.scale = 1.0 / (cfg.attn_scale if cfg.attn_scale is not None else math.sqrt(e))
         self.softcap = cfg.attn_softcap
         self.W_Q = weight((h, d, e), (0, 2, 1), cfg.dtype)
         self.W_K = weight((kv, d, e), (0, 2, 1), cfg.dtype)
@@ -303,13 +308,14 @@ class Attention(nn.Module):
         self.b_K = _bias(cfg.attn_bias, (kv, e), cfg.dtype)
         self.b_V = _bias(cfg.attn_bias, (kv, e), cfg.dtype)
         self.b_O = _bias(cfg.attn_out_bias, d, cfg.dtype)
+        def qk_norm(length: int) -> Norm:
+            return Norm("RMS", length, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
+
         self.q_norm = self.k_norm = self.q_ln = self.k_ln = None
         if cfg.qk_norm == "head":
-            self.q_norm = Norm("RMS", e, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
-            self.k_norm = Norm("RMS", e, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
+            self.q_norm, self.k_norm = qk_norm(e), qk_norm(e)
         elif cfg.qk_norm == "proj":  # one norm over every head's query (key), [batch, pos, heads * d_head]
-            self.q_ln = Norm("RMS", h * e, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
-            self.k_ln = Norm("RMS", kv * e, cfg.eps, affine=True, dtype=cfg.dtype, offset=cfg.norm_offset)
+            self.q_ln, self.k_ln = qk_norm(h * e), qk_norm(kv * e)
         self.rotary = cfg.rotary_dim > 0
         names = ["q", "k", "v"] + (["rot_q", "rot_k"] if self.rotary else [])
         for name in names + ["attn_scores", "pattern", "z", "result"]:
@@ -346,13 +352,12 @@ class Attention(nn.Module):
         if past_kv is not None:
             k, v = past_kv.append(k, v)
         mask = run.mask_for(q.shape[1], k.shape[1], self.window, q.device)
-        scale = self.scale
         if self.softcap is not None or self.hook_attn_scores.active or self.hook_pattern.active:
-            z = self.materialised(q, k, v, mask, scale)
+            z = self.materialised(q, k, v, mask)
         else:
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=mask, is_causal=mask is None and q.shape[1] > 1, scale=scale,
+                attn_mask=mask, is_causal=mask is None and q.shape[1] > 1, scale=self.scale,
                 enable_gqa=self.groups > 1,
             ).transpose(1, 2)
         z = self.hook_z.run(z)
@@ -363,16 +368,11 @@ class Attention(nn.Module):
         W_O = self.W_O.permute(2, 0, 1).reshape(self.d_model, -1)  # [d, h*e]: a view
         return F.linear(z.reshape(*z.shape[:2], -1), W_O, self.b_O)
 
-    def per_query_head(self, t: Tensor, axis: int) -> Tensor:
-        """Key/value heads repeated along `axis` so that there is one per query head."""
-        return t if self.groups == 1 else t.repeat_interleave(self.groups, dim=axis)
-
-    def materialised(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-                     scale: float) -> Float[Tensor, "batch query_pos n_heads d_head"]:
-        k, v = self.per_query_head(k, 2), self.per_query_head(v, 2)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * scale
+    def materialised(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Float[Tensor, "batch query_pos n_heads d_head"]:
+        k, v = per_query_head(k, self.groups, 2), per_query_head(v, self.groups, 2)
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.scale
         if self.softcap is not None:  # hook_attn_scores sees the capped scores
-            scores = self.softcap * torch.tanh(scores / self.softcap)
+            scores = softcap(scores, self.softcap)
         if mask is None:
             mask = _causal(*scores.shape[-2:], q.device)
         scores = self.hook_attn_scores.run(scores.masked_fill(~mask, float("-inf")))

@@ -38,8 +38,8 @@ class GPTConfig:
     Attention: attn_bias (b_Q, b_K, b_V), attn_out_bias (b_O), qk_norm "head" (an RMSNorm over
     each head's query and key, before rotary; attn.q_norm / k_norm) or "proj" (over all heads'
     queries, and all keys, at once, as OLMo-2; attn.q_ln / k_ln), window (keys more than window - 1 positions back
-    are masked) on windowed_layers (default every layer), attn_scale (what scores are multiplied
-    by; default 1/√d_head), attn_softcap (scores become c·tanh(scores / c), which needs the
+    are masked) on windowed_layers (default every layer), attn_scale (what scores are divided
+    by, as TransformerLens's attn_scale; default √d_head), attn_softcap (scores become c·tanh(scores / c), which needs the
     materialised pattern instead of SDPA).
     Logits: final_softcap (logits become c·tanh(logits / c)).
     MLP: none when attn_only, else act(x W_in + b_in) W_out + b_out, or gated_mlp:

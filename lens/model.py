@@ -14,7 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from lens.cache import ActivationCache, run_with_cache
-from lens.components import Block, Rotary, Run, make_norm, padding_mask, weight
+from lens.components import Block, Rotary, Run, make_norm, padding_mask, per_query_head, softcap, weight
 from lens.config import GPTConfig
 from lens.generate import KVCache
 from lens.hooks import POSITIONS, HookPoint, Hookable
@@ -114,8 +114,7 @@ class HookedGPT(Hookable, nn.Module):
     def _per_query_head(self, W: Tensor) -> Tensor:
         """[n_layers, n_kv_heads, ...] weights repeated to one per query head (GQA): query head h
         reads key/value head h // (n_heads // n_kv_heads)."""
-        g = self.cfg.n_heads // self.cfg.n_kv_heads
-        return W if g == 1 else W.repeat_interleave(g, dim=1)
+        return per_query_head(W, self.cfg.n_heads // self.cfg.n_kv_heads, axis=1)
 
     def why_absent(self, name: str) -> Optional[str]:
         """Why a hook point that other architectures have is not built in this one."""
@@ -138,7 +137,17 @@ class HookedGPT(Hookable, nn.Module):
              + (" (its positions are rotary: see attn.hook_rot_q / hook_rot_k)" if cfg.rotary_dim else "")),
             ((".ln" in name or name.startswith("ln_final")) and cfg.normalization is None,
              "the model has no norms (normalization=None)"),
-            (("q_norm" in name or "k_norm" in name) and cfg.qk_norm is None, "the model has no QK-norm"),
+            (("q_norm" in name or "k_norm" in name) and cfg.qk_norm != "head",
+             "the model has no QK-norm per head" + (" (its QK-norm is attn.q_ln / k_ln, over the whole "
+                                                   "projection)" if cfg.qk_norm == "proj" else "")),
+            (("q_ln" in name or "k_ln" in name) and cfg.qk_norm != "proj",
+             "the model has no QK-norm over the whole projection"),
+            ((".ln1." in name or ".ln2." in name) and not cfg.pre_norms,
+             "no norm precedes the sublayers (pre_norms=False): they read the stream itself"),
+            ((leaf in ("hook_attn_out_pre", "hook_mlp_out_pre") or "_post." in name)
+             and not cfg.post_norms,
+             "no norm follows the sublayers (post_norms=False): hook_attn_out / hook_mlp_out are "
+             "their outputs"),
         ]
         return next((why for applies, why in reasons if applies), None)
 
@@ -389,11 +398,6 @@ class HookedGPT(Hookable, nn.Module):
     def get_token_position(self, single_token, input, mode: str = "first", prepend_bos: bool = True) -> int:
         from lens import tokenizer as T
         return T.get_token_position(self._tok(), single_token, input, mode=mode, prepend_bos=prepend_bos)
-
-
-def softcap(x: Tensor, cap: float) -> Tensor:
-    """cap · tanh(x / cap): x squashed into (-cap, cap), nearly unchanged where |x| ≪ cap."""
-    return cap * torch.tanh(x / cap)
 
 
 def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],

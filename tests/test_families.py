@@ -149,7 +149,7 @@ def test_specs_state_what_each_family_is(tmp_path_factory):
     assert spec["gemma"].tied_embeddings and spec["gemma"].act_fn == "gelu_new" and spec["gemma"].d_head == 24
     g2 = spec["gemma2"]
     assert g2.post_norms and g2.window == 5 and g2.windowed_layers == (0,)  # local, then global
-    assert (g2.attn_softcap, g2.final_softcap) == (2.0, 4.0) and abs(g2.attn_scale - 20 ** -0.5) < 1e-12
+    assert (g2.attn_softcap, g2.final_softcap) == (2.0, 4.0) and abs(g2.attn_scale - 20 ** 0.5) < 1e-12
     olmo = spec["olmo2"]
     assert olmo.post_norms and not olmo.pre_norms and olmo.qk_norm == "proj"
     assert all(not s.positional_embedding for s in spec.values())
@@ -588,3 +588,11 @@ def test_gemma_offset_embedding_scale_and_tying_survive_save_and_load(tmp_path_f
     toks = tokens()
     assert (lens_log_probs(again, toks) - hf_log_probs(hf, toks)).abs().max() <= 1e-4
     assert torch.equal(lens_log_probs(again, toks), lens_log_probs(model, toks))
+
+
+@pytest.mark.parametrize("name", ["gemma2", "olmo2", "qwen3"])
+def test_lens_check_passes_where_norms_follow_the_sublayers(tmp_path_factory, name):
+    folder = checkpoint(name, tmp_path_factory)[1]
+    report = lens.check(from_pretrained(folder), folder)
+    assert report.ok, str(report)
+    assert report.log_prob_diff is not None and report.log_prob_diff < 1e-4

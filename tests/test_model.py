@@ -359,7 +359,7 @@ def test_soft_capped_scores_and_logits_and_the_attention_scale():
     from lens.attribution import direct_logit_attribution, dla_hook_names, logit_lens
     from lens.processing import applied_steps, process_weights
     cap, final, scale = 2.0, 3.0, 0.7
-    model = make_model(n_heads=2, attn_softcap=cap, final_softcap=final, attn_scale=scale).double()
+    model = make_model(n_heads=2, attn_softcap=cap, final_softcap=final, attn_scale=1 / scale).double()
     tokens = make_tokens(model)
     logits, cache = model.run_with_cache(tokens)
     q, k = cache["q", 1], cache["k", 1]

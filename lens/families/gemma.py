@@ -19,27 +19,27 @@ def _act(d: dict, p: Problems) -> str:
     return act
 
 
-def config(d: dict) -> GPTConfig:
-    p = Problems("Gemma")
+def _gemma(d: dict, name: str, read: frozenset = frozenset(), window_rule: str = "none",
+           **changes) -> GPTConfig:
+    """The Llama spec with what every Gemma has, plus `changes`, validated again."""
+    p = Problems(name)
     d = {**d, "hidden_act": _act(d, p), "tie_word_embeddings": d.get("tie_word_embeddings", True)}
     p.raise_any()
-    cfg = spec(d, "Gemma", read=frozenset({"hidden_activation"}))
-    cfg.norm_offset, cfg.embed_scale = 1.0, math.sqrt(cfg.d_model)
-    return GPTConfig.from_dict(cfg.to_dict())  # validated again with the Gemma fields
+    cfg = spec(d, name, read=read | {"hidden_activation"}, window_rule=window_rule)
+    return GPTConfig.from_dict({**cfg.to_dict(), "norm_offset": 1.0,
+                                "embed_scale": math.sqrt(cfg.d_model), **changes})
+
+
+def config(d: dict) -> GPTConfig:
+    return _gemma(d, "Gemma")
 
 
 def config2(d: dict) -> GPTConfig:
-    p = Problems("Gemma-2")
-    d = {**d, "hidden_act": _act(d, p), "tie_word_embeddings": d.get("tie_word_embeddings", True)}
-    p.raise_any()
-    cfg = spec(d, "Gemma-2", window_rule="alternate", read=frozenset({
-        "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping",
-        "final_logit_softcapping", "cache_implementation"}))
-    cfg.norm_offset, cfg.embed_scale, cfg.post_norms = 1.0, math.sqrt(cfg.d_model), True
-    cfg.attn_scale = float(d.get("query_pre_attn_scalar", 256)) ** -0.5
-    cfg.attn_softcap = d.get("attn_logit_softcapping")
-    cfg.final_softcap = d.get("final_logit_softcapping")
-    return GPTConfig.from_dict(cfg.to_dict())
+    return _gemma(d, "Gemma-2", frozenset({"query_pre_attn_scalar", "attn_logit_softcapping",
+                                           "final_logit_softcapping", "cache_implementation"}),
+                  window_rule="alternate", post_norms=True, attn_scale=float(d.get("query_pre_attn_scalar", 256)) ** 0.5,
+                  attn_softcap=d.get("attn_logit_softcapping"),
+                  final_softcap=d.get("final_logit_softcapping"))
 
 
 def plan2(cfg: GPTConfig) -> Plan:
