@@ -173,10 +173,18 @@ def _describe(model: HookedGPT, folder: Path) -> str:
         + (", parallel attn+mlp" if cfg.parallel_attn_mlp else ""))
     pos = (f"rotary {cfg.rotary_dim}" if cfg.rotary_dim else
            "learned pos" if cfg.positional_embedding else "no pos")
+    if cfg.rotary_dim and cfg.local_rotary_base:
+        pos += f" (base {cfg.rotary_base:g}, {cfg.local_rotary_base:g} on windowed layers)"
     layers = f"{cfg.n_layers} layer{'' if cfg.n_layers == 1 else 's'}"
+    extras = [f"window {cfg.window}" + ("" if cfg.windowed_layers is None else
+                                        f" on {len(cfg.windowed_layers)} layers")] if cfg.window else []
+    extras += [text for on, text in ((cfg.post_norms, "post-norms"), (cfg.qk_norm, f"qk-norm {cfg.qk_norm}"),
+                                     (cfg.attn_softcap, f"score cap {cfg.attn_softcap}"),
+                                     (cfg.final_softcap, f"logit cap {cfg.final_softcap}")) if on]
     return (f"{family}: {layers}, d_model {cfg.d_model}, "
             f"{cfg.n_heads} heads{kv} × d_head {cfg.d_head}, "
-            f"{block}, {pos}, norm {cfg.normalization}, d_vocab {cfg.d_vocab}, {cfg.dtype_name}")
+            f"{block}, {pos}, norm {cfg.normalization}, d_vocab {cfg.d_vocab}, {cfg.dtype_name}"
+            + "".join(f", {e}" for e in extras))
 
 
 def _model_type(folder: Path) -> Optional[str]:

@@ -68,12 +68,14 @@ def padding_mask(attention_mask: Tensor, past: int = 0) -> tuple[Tensor, Tensor]
 class Run:
     """What one forward pass passes down to every block: the absolute positions of the pos
     axis [batch, pos], the padding mask [batch, 1, query_pos, key_pos] (None when every token
-    is real), the rotary angles (cos, sin) [batch, pos, rotary_dim] on rotary models. Masks for
+    is real), the rotary angles (cos, sin) [batch, pos, rotary_dim] on rotary models, and those
+    of windowed layers where they have a rotary base of their own (rope_local). Masks for
     sliding windows are derived once per call and kept here."""
 
     positions: Int[Tensor, "batch pos"]
     mask: Optional[Tensor] = None
     rope: Optional[tuple[Tensor, Tensor]] = None
+    rope_local: Optional[tuple[Tensor, Tensor]] = None
     _masks: dict = field(default_factory=dict, repr=False)
 
     def mask_for(self, n_q: int, n_k: int, window: Optional[int], device) -> Optional[Tensor]:
@@ -204,11 +206,10 @@ def make_norm(cfg: GPTConfig, length: Optional[int] = None, post: bool = False) 
 
 
 # ---------------------------------------------------------------------- rotary positions
-def rotary_frequencies(cfg: GPTConfig) -> Float[Tensor, " half_rotary_dim"]:
-    """Inverse frequencies base^(-2i/rotary_dim), with the spec's rope_scaling applied."""
-    r = cfg.rotary_dim
-    inv = 1.0 / (cfg.rotary_base ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
-    s = cfg.rope_scaling
+def rotary_frequencies(dim: int, base: float, scaling: Optional[dict]) -> Float[Tensor, " half_rotary_dim"]:
+    """Inverse frequencies base^(-2i/dim), with a spec's rope scaling applied."""
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = scaling
     if s is None:
         return inv
     if s["type"] == "linear":
@@ -227,10 +228,13 @@ def rotary_frequencies(cfg: GPTConfig) -> Float[Tensor, " half_rotary_dim"]:
 class Rotary:
     """Rotary angles for the positions of a call; applied to the first rotary_dim dims of each
     query and key head, the two halves of those dims rotated as pairs (GPT-NeoX's layout, which
-    Llama's HF checkpoints use too). Kept out of the state dict and of dtype casts."""
+    Llama's HF checkpoints use too). Kept out of the state dict and of dtype casts. `local` gives
+    the frequencies of windowed layers with a base of their own (Gemma-3), else the model's."""
 
-    def __init__(self, cfg: GPTConfig):
-        self.inv_freq = rotary_frequencies(cfg)
+    def __init__(self, cfg: GPTConfig, local: bool = False):
+        base, scaling = (cfg.local_rotary_base, cfg.local_rope_scaling) if local else \
+            (cfg.rotary_base, cfg.rope_scaling)
+        self.inv_freq = rotary_frequencies(cfg.rotary_dim, float(base), scaling)
         self._on: dict = {}
 
     def angles(self, positions: Int[Tensor, "batch pos"], dtype) -> tuple[Tensor, Tensor]:
@@ -317,6 +321,7 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "proj":  # one norm over every head's query (key), [batch, pos, heads * d_head]
             self.q_ln, self.k_ln = qk_norm(h * e), qk_norm(kv * e)
         self.rotary = cfg.rotary_dim > 0
+        self.local_rope = window is not None and cfg.local_rotary_base is not None
         names = ["q", "k", "v"] + (["rot_q", "rot_k"] if self.rotary else [])
         for name in names + ["attn_scores", "pattern", "z", "result"]:
             setattr(self, f"hook_{name}", HookPoint())
@@ -346,7 +351,7 @@ class Attention(nn.Module):
         elif self.q_ln is not None:
             q, k = self.q_ln(q.flatten(-2)).view_as(q), self.k_ln(k.flatten(-2)).view_as(k)
         if self.rotary:
-            cos, sin = run.rope
+            cos, sin = run.rope_local if self.local_rope else run.rope
             q = self.hook_rot_q.run(apply_rotary(q, cos, sin))
             k = self.hook_rot_k.run(apply_rotary(k, cos, sin))
         if past_kv is not None:

@@ -19,6 +19,20 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
            "float64": torch.float64}
 
 
+def _scaling_problems(name: str, scaling) -> list[str]:
+    if scaling is None:
+        return []
+    kind = scaling.get("type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        return [f"{name}={scaling!r}: type must be one of {sorted(ROPE_SCALINGS)}"]
+    missing = [k for k in ROPE_SCALINGS[kind] if k not in scaling]
+    extra = sorted(set(scaling) - {"type", *ROPE_SCALINGS[kind]})
+    if missing or extra:
+        return [f"{name} of type {kind!r} needs exactly {list(ROPE_SCALINGS[kind])}; "
+                f"missing {missing}, unknown {extra}"]
+    return []
+
+
 @dataclass
 class GPTConfig:
     """Shape and build-time choices of a HookedGPT. The defaults describe GPT-2.
@@ -35,6 +49,9 @@ class GPTConfig:
     Positions: positional_embedding (a learned W_pos added to the stream) or rotary_dim > 0
     (rotary embeddings on the first rotary_dim dims of each query and key head, frequencies
     rotary_base^(-2i/rotary_dim), rope_scaling {"type": "linear" | "llama3", ...}), or neither.
+    local_rotary_base, when set, is the base of the windowed layers' rotary embeddings, which
+    then take local_rope_scaling instead of rope_scaling (Gemma-3: 10k on local layers, 1M and
+    linear scaling on global ones).
     Attention: attn_bias (b_Q, b_K, b_V), attn_out_bias (b_O), qk_norm "head" (an RMSNorm over
     each head's query and key, before rotary; attn.q_norm / k_norm) or "proj" (over all heads'
     queries, and all keys, at once, as OLMo-2; attn.q_ln / k_ln), window (keys more than window - 1 positions back
@@ -72,6 +89,8 @@ class GPTConfig:
     rotary_dim: int = 0
     rotary_base: float = 10000.0
     rope_scaling: Optional[dict] = None
+    local_rotary_base: Optional[float] = None
+    local_rope_scaling: Optional[dict] = None
     attn_bias: bool = True
     attn_out_bias: bool = True
     mlp_bias: bool = True
@@ -153,18 +172,25 @@ class GPTConfig:
         if self.rotary_dim and self.positional_embedding:
             problems.append("rotary_dim > 0 and positional_embedding=True: a model has learned "
                             "or rotary positions, not both")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("type") if isinstance(self.rope_scaling, dict) else None
-            if kind not in ROPE_SCALINGS:
-                problems.append(f"rope_scaling={self.rope_scaling!r}: type must be one of "
-                                f"{sorted(ROPE_SCALINGS)}")
-            else:
-                missing = [k for k in ROPE_SCALINGS[kind] if k not in self.rope_scaling]
-                extra = sorted(set(self.rope_scaling) - {"type", *ROPE_SCALINGS[kind]})
-                if missing or extra:
-                    problems.append(f"rope_scaling of type {kind!r} needs exactly "
-                                    f"{list(ROPE_SCALINGS[kind])}; missing {missing}, unknown {extra}")
+        for name in ("rope_scaling", "local_rope_scaling"):
+            problems += _scaling_problems(name, getattr(self, name))
+        base = self.local_rotary_base
+        if base is not None:
+            if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 0:
+                problems.append(f"local_rotary_base={base!r} must be a positive number or None")
+            if not self.rotary_dim or self.window is None:
+                problems.append("local_rotary_base is the rotary base of windowed layers: it needs "
+                                "rotary_dim > 0 and a window")
+        elif self.local_rope_scaling is not None:
+            problems.append("local_rope_scaling needs local_rotary_base (the windowed layers' own "
+                            "rotary base)")
         return problems
+
+    def rope_of(self, layer: int) -> tuple[float, Optional[dict]]:
+        """(rotary base, rope scaling) of `layer`'s attention."""
+        if self.local_rotary_base is not None and self.window_of(layer) is not None:
+            return float(self.local_rotary_base), self.local_rope_scaling
+        return float(self.rotary_base), self.rope_scaling
 
     # ------------------------------------------------------------------ derived facts
     @property

@@ -35,6 +35,7 @@ class HookedGPT(Hookable, nn.Module):
             self.pos_embed = _PosEmbed(cfg.n_ctx, cfg.d_model, cfg.dtype)
             self.hook_pos_embed = HookPoint()
         self.rotary = Rotary(cfg) if cfg.rotary_dim else None
+        self.rotary_local = Rotary(cfg, local=True) if cfg.rotary_dim and cfg.local_rotary_base else None
         self.blocks = nn.ModuleList(Block(cfg, l) for l in range(cfg.n_layers))
         self.ln_final = make_norm(cfg)
         self.unembed = _Unembed(cfg.d_model, cfg.d_vocab, cfg.dtype, cfg.unembed_bias,
@@ -295,8 +296,10 @@ class HookedGPT(Hookable, nn.Module):
     # ------------------------------------------------------------------ stages
     def make_run(self, positions: Int[Tensor, "batch pos"], mask: Optional[Tensor] = None) -> Run:
         """The per-call facts every block reads: positions, padding mask, rotary angles."""
-        rope = None if self.rotary is None else self.rotary.angles(positions, self.W_E.dtype)
-        return Run(positions, mask, rope)
+        dtype = self.W_E.dtype
+        rope = None if self.rotary is None else self.rotary.angles(positions, dtype)
+        local = None if self.rotary_local is None else self.rotary_local.angles(positions, dtype)
+        return Run(positions, mask, rope, local)
 
     def embed_stage(self, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"]
                     ) -> Float[Tensor, "batch pos d_model"]:

@@ -37,6 +37,11 @@ FAMILIES = {
     "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, dict(
         num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=20,
         attn_logit_softcapping=2.0, final_logit_softcapping=4.0)),
+    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, dict(
+        num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=20,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}})),
     "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, dict(num_key_value_heads=2, pad_token_id=0,
                                                      eos_token_id=1)),
 }
@@ -66,7 +71,12 @@ def transformers4_layout(folder: Path) -> None:
     top-level rope_theta / rope_scaling, Pythia's rotary_pct / rotary_emb_base, no layer_types."""
     d = json.loads((folder / "config.json").read_text())
     params = d.pop("rope_parameters", None) or {}
-    d.pop("layer_types", None)
+    types = d.pop("layer_types", None)
+    if d["model_type"] == "gemma3_text":  # a rope per layer type; every n-th layer global
+        d["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+        params = params["full_attention"]
+        d.pop("_sliding_window_pattern")
+        d["sliding_window_pattern"] = types.index("full_attention") + 1
     theta = params.get("rope_theta", 10000.0)
     fraction = params.get("partial_rotary_factor")
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
@@ -150,6 +160,12 @@ def test_specs_state_what_each_family_is(tmp_path_factory):
     g2 = spec["gemma2"]
     assert g2.post_norms and g2.window == 5 and g2.windowed_layers == (0,)  # local, then global
     assert (g2.attn_softcap, g2.final_softcap) == (2.0, 4.0) and abs(g2.attn_scale - 20 ** 0.5) < 1e-12
+    g3 = spec["gemma3"]  # local layer 0 rotates with base 10, global layer 1 with 1000 scaled by 4
+    assert g3.post_norms and g3.qk_norm == "head" and g3.norm_offset == 1.0 and g3.windowed_layers == (0,)
+    assert (g3.rotary_base, g3.rope_scaling) == (1000.0, {"type": "linear", "factor": 4.0})
+    assert (g3.local_rotary_base, g3.local_rope_scaling) == (10.0, None)
+    assert g3.rope_of(0) == (10.0, None) and g3.rope_of(1) == (1000.0, g3.rope_scaling)
+    assert g3.attn_softcap is None and g3.final_softcap is None
     olmo = spec["olmo2"]
     assert olmo.post_norms and not olmo.pre_norms and olmo.qk_norm == "proj"
     assert all(not s.positional_embedding for s in spec.values())
@@ -296,13 +312,13 @@ def test_kv_cache_generation_equals_no_cache_with_hooks(family_model):
 
 
 def test_sliding_window_pattern_is_zero_outside_the_window(tmp_path_factory):
-    for name in ("mistral", "phi3"):
+    for name in ("mistral", "phi3", "gemma2", "gemma3"):
         model = from_pretrained(checkpoint(name, tmp_path_factory)[1])
-        w = model.cfg.window
         _, cache = model.run_with_cache(tokens(), names_filter=lambda n: n.endswith("hook_pattern"))
         q, k = torch.meshgrid(torch.arange(14), torch.arange(14), indexing="ij")
-        outside = (k > q) | (k <= q - w)
         for l in range(model.cfg.n_layers):
+            w = model.cfg.window_of(l) or 10 ** 6  # global layers: every earlier key
+            outside = (k > q) | (k <= q - w)
             p = cache["pattern", l]
             assert float(p[..., outside].abs().max()) == 0.0
             assert float(p[..., ~outside].min()) > 0
@@ -405,6 +421,33 @@ def test_unimplemented_options_are_refused_by_name(changes, named):
     assert named in str(e.value)
 
 
+def _gemma3_config(**changes) -> dict:
+    return {**FAMILIES["gemma3"][0](**SIZE, **FAMILIES["gemma3"][2]).to_dict(), **changes}
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                          "chunked_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     "rope_parameters per layer type ['chunked_attention', 'full_attention']"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     "rope_parameters['full_attention'] type 'yarn'"),
+    ({"hidden_act": "relu"}, "hidden_act='relu' differs from hidden_activation='gelu_pytorch_tanh'"),
+])
+def test_gemma3_options_lens_lacks_are_refused_by_name(changes, named):
+    with pytest.raises(ValueError, match="options lens does not implement") as e:
+        config_from_hf(_gemma3_config(**changes))
+    assert named in str(e.value)
+
+
+def test_a_rope_per_layer_type_is_refused_where_the_family_has_none():
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}
+    with pytest.raises(ValueError, match=r"rope_parameters per layer type \['full_attention'"):
+        config_from_hf(_llama_config(rope_parameters=rope))
+
+
 def test_mismatched_checkpoint_lists_every_problem(tmp_path_factory):
     from safetensors.torch import load_file, save_file
     hf, folder = checkpoint("qwen2", tmp_path_factory)
@@ -489,7 +532,7 @@ def test_processing_applied_to_each_family_is_what_the_docs_say(tmp_path_factory
     rms = ["fold_layer_norm", "center_unembed"]
     ln = ["fold_layer_norm", "center_writing_weights", "center_unembed", "fold_value_biases"]
     expected = {"llama": rms, "llama3": rms, "mistral": rms, "qwen2": rms, "qwen3": rms,
-                "phi3": rms, "gemma": rms, "gemma2": ["fold_layer_norm"], "olmo2": rms, "pythia": ln,
+                "phi3": rms, "gemma": rms, "gemma2": ["fold_layer_norm"], "gemma3": rms, "olmo2": rms, "pythia": ln,
                 "neox_sequential": ln}
     for name, steps in expected.items():
         model = from_pretrained(checkpoint(name, tmp_path_factory)[1])
@@ -590,7 +633,7 @@ def test_gemma_offset_embedding_scale_and_tying_survive_save_and_load(tmp_path_f
     assert torch.equal(lens_log_probs(again, toks), lens_log_probs(model, toks))
 
 
-@pytest.mark.parametrize("name", ["gemma2", "olmo2", "qwen3"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "olmo2", "qwen3"])
 def test_lens_check_passes_where_norms_follow_the_sublayers(tmp_path_factory, name):
     folder = checkpoint(name, tmp_path_factory)[1]
     report = lens.check(from_pretrained(folder), folder)

@@ -112,7 +112,8 @@ def by_hand_llama(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torc
     """Every activation of one sequence of a Llama-style model (RMSNorm, rotary positions,
     grouped-query attention, a SwiGLU MLP), in float64 with explicit loops, from the equations:
     rms(x) = sqrt(mean(x²) + eps); rotary turns dims (i, i + r/2) of each head by p·base^(-2i/r);
-    query head h reads key/value head h // (n_heads / n_kv_heads)."""
+    query head h reads key/value head h // (n_heads / n_kv_heads); a windowed layer's query i
+    sees keys i - window + 1 .. i, rotated with that layer's own base where it has one."""
     cfg = model.cfg
     P = {k: v.detach().double() for k, v in model.state_dict().items()}
     acts = {}
@@ -123,10 +124,10 @@ def by_hand_llama(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torc
         acts[f"{name}.hook_scale"], acts[f"{name}.hook_normalized"] = scale, x / scale
         return x / scale * P[f"{name}.w"]
 
-    def rotate(vec, p):
+    def rotate(vec, p, base):
         out = vec.clone()
         for i in range(r // 2):
-            angle = p * cfg.rotary_base ** (-2 * i / r)
+            angle = p * base ** (-2 * i / r)
             a, b = vec[i], vec[i + r // 2]
             out[i] = a * math.cos(angle) - b * math.sin(angle)
             out[i + r // 2] = b * math.cos(angle) + a * math.sin(angle)
@@ -136,6 +137,8 @@ def by_hand_llama(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torc
     acts["hook_embed"] = x
     for l in range(cfg.n_layers):
         b = f"blocks.{l}"
+        window = cfg.window_of(l) or n
+        base = cfg.local_rotary_base if cfg.window_of(l) and cfg.local_rotary_base else cfg.rotary_base
         acts[f"{b}.hook_resid_pre"] = x
         xn = rms(x, f"{b}.ln1")
         q = torch.zeros(n, H, E, dtype=torch.float64)
@@ -144,22 +147,23 @@ def by_hand_llama(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torc
         for p in range(n):
             for h in range(H):
                 q[p, h] = xn[p] @ P[f"{b}.attn.W_Q"][h]
-                rq[p, h] = rotate(q[p, h], p)
+                rq[p, h] = rotate(q[p, h], p, base)
             for g in range(KV):
                 k[p, g] = xn[p] @ P[f"{b}.attn.W_K"][g]
                 v[p, g] = xn[p] @ P[f"{b}.attn.W_V"][g]
-                rk[p, g] = rotate(k[p, g], p)
+                rk[p, g] = rotate(k[p, g], p, base)
         scores = torch.full((H, n, n), -math.inf, dtype=torch.float64)
         pattern = torch.zeros(H, n, n, dtype=torch.float64)
         result = torch.zeros(n, H, cfg.d_model, dtype=torch.float64)
         for h in range(H):
             g = h // (H // KV)
             for i in range(n):
-                for j in range(i + 1):
+                seen = range(max(0, i - window + 1), i + 1)
+                for j in seen:
                     scores[h, i, j] = float(rq[i, h] @ rk[j, g]) / math.sqrt(E)
-                e = torch.exp(scores[h, i, : i + 1] - scores[h, i, : i + 1].max())
-                pattern[h, i, : i + 1] = e / e.sum()
-                z[i, h] = sum(pattern[h, i, j] * v[j, g] for j in range(i + 1))
+                e = torch.exp(scores[h, i, seen] - scores[h, i, seen].max())
+                pattern[h, i, seen] = e / e.sum()
+                z[i, h] = sum(pattern[h, i, j] * v[j, g] for j in seen)
                 result[i, h] = z[i, h] @ P[f"{b}.attn.W_O"][h]
         attn_out = result.sum(1)
         acts.update({f"{b}.attn.hook_q": q, f"{b}.attn.hook_k": k, f"{b}.attn.hook_v": v,
@@ -189,6 +193,15 @@ def by_hand_llama(model: lens.HookedGPT, tokens: torch.Tensor) -> dict[str, torc
 def test_hand_computed_llama_style_forward_at_every_hook_point():
     assert_every_hook_point_matches(make_model(**LLAMA_STYLE), torch.tensor([[3, 1, 4, 1, 5, 9]]),
                                     by_hand_llama)
+
+
+def test_hand_computed_local_layers_with_their_own_window_and_rotary_base():
+    """Gemma-3's choice: windowed layers rotate with local_rotary_base, the others with
+    rotary_base (and its scaling)."""
+    cfg = dict(LLAMA_STYLE, window=3, windowed_layers=(0,), local_rotary_base=7.0)
+    model = make_model(**cfg)
+    assert model.cfg.rope_of(0) == (7.0, None) and model.cfg.rope_of(1) == (100.0, None)
+    assert_every_hook_point_matches(model, torch.tensor([[3, 1, 4, 1, 5, 9]]), by_hand_llama)
 
 
 def test_weight_shapes_follow_the_paper(model):
@@ -352,6 +365,17 @@ def test_config_validation_names_the_fields():
     assert lens.GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown GPTConfig fields"):
         lens.GPTConfig.from_dict({**cfg.to_dict(), "rotary": True})
+    rotary = dict(n_layers=2, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, positional_embedding=False,
+                  rotary_dim=4)
+    with pytest.raises(ValueError, match="local_rotary_base is the rotary base of windowed layers"):
+        lens.GPTConfig(**rotary, local_rotary_base=10.0)
+    with pytest.raises(ValueError, match="local_rope_scaling needs local_rotary_base"):
+        lens.GPTConfig(**rotary, window=2, local_rope_scaling={"type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="local_rope_scaling of type 'linear' needs exactly"):
+        lens.GPTConfig(**rotary, window=2, local_rotary_base=10.0, local_rope_scaling={"type": "linear"})
+    local = lens.GPTConfig(**rotary, window=2, windowed_layers=(1,), local_rotary_base=10.0,
+                           rope_scaling={"type": "linear", "factor": 8.0})
+    assert lens.GPTConfig.from_dict(local.to_dict()) == local and local.rope_of(1) == (10.0, None)
 
 
 def test_soft_capped_scores_and_logits_and_the_attention_scale():

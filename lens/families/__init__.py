@@ -7,7 +7,7 @@ from lens.families import gemma, gpt2, llama, neox, olmo2, phi3
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in
                                (gpt2.FAMILY, *llama.FAMILIES, neox.FAMILY, phi3.FAMILY, gemma.FAMILY,
-                                gemma.FAMILY2, olmo2.FAMILY)}
+                                gemma.FAMILY2, gemma.FAMILY3, olmo2.FAMILY)}
 
 
 def family(hf: dict) -> Family:

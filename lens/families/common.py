@@ -136,23 +136,45 @@ def refuse_unknown(d: dict, consumed: set, problems: Problems) -> None:
             problems.check(False, f"{key}={value!r} (a field lens does not read)")
 
 
-def rope(d: dict, head_dim: int, problems: Problems) -> dict:
-    """GPTConfig's rotary fields from either config.json layout."""
+def rope(d: dict, head_dim: int, problems: Problems, local: bool = False) -> dict:
+    """GPTConfig's rotary fields from either config.json layout. A `rope_parameters` per layer
+    type (transformers 5's Gemma-3) is read where `local` says windowed layers may have rotary
+    embeddings of their own (local_rotary_base / local_rope_scaling); elsewhere it is refused."""
     params = d.get("rope_parameters")
     if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
-        problems.check(False, f"rope_parameters per layer type {sorted(params)}")
-        params = next(v for v in params.values() if isinstance(v, dict))
+        known = {"full_attention", "sliding_attention"}
+        ok = local and set(params) <= known and all(isinstance(v, dict) for v in params.values())
+        problems.check(ok, f"rope_parameters per layer type {sorted(params)}"
+                           + (f" (lens reads {sorted(known)})" if local else ""))
+        if not ok:
+            return dict(rotary_dim=head_dim, rotary_base=10000.0, rope_scaling=None)
+        out = _rope_fields(params.get("full_attention", {}), d, head_dim, problems,
+                           "rope_parameters['full_attention']")
+        sliding = _rope_fields(params.get("sliding_attention", {}), d, head_dim, problems,
+                               "rope_parameters['sliding_attention']")
+        problems.check(sliding["rotary_dim"] == out["rotary_dim"],
+                       "rope_parameters with a partial_rotary_factor per layer type")
+        return {**out, "local_rotary_base": sliding["rotary_base"],
+                "local_rope_scaling": sliding["rope_scaling"]}
     if isinstance(params, dict):
-        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = params
-        fraction = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
-    else:
-        theta = d.get("rope_theta", d.get("rotary_emb_base", 10000.0))
-        scaling = d.get("rope_scaling") or {}
-        fraction = d.get("partial_rotary_factor", d.get("rotary_pct", 1.0))
+        return _rope_fields(params, d, head_dim, problems, "rope_parameters")
+    theta = d.get("rope_theta", d.get("rotary_emb_base", 10000.0))
+    scaling = {**(d.get("rope_scaling") or {}), "rope_theta": theta}
+    if "partial_rotary_factor" not in d and "rotary_pct" in d:
+        scaling["partial_rotary_factor"] = d["rotary_pct"]
+    out = _rope_fields(scaling, d, head_dim, problems, "rope_scaling")
+    if local and d.get("rope_local_base_freq") is not None:  # transformers 4's Gemma-3
+        out.update(local_rotary_base=float(d["rope_local_base_freq"]), local_rope_scaling=None)
+    return out
+
+
+def _rope_fields(scaling: dict, d: dict, head_dim: int, problems: Problems, field_name: str) -> dict:
+    """rotary_dim / rotary_base / rope_scaling from one set of rope parameters (HF's rope_type
+    names, the theta and the partial rotary factor in it or at the top of config.json)."""
+    theta = scaling.get("rope_theta", d.get("rope_theta", 10000.0))
+    fraction = scaling.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     out = dict(rotary_dim=int(head_dim * fraction), rotary_base=float(theta), rope_scaling=None)
-    field_name = "rope_parameters" if isinstance(params, dict) else "rope_scaling"
     if kind == "linear":
         out["rope_scaling"] = {"type": "linear", "factor": float(scaling["factor"])}
     elif kind == "llama3":
@@ -175,7 +197,8 @@ def windows(d: dict, n_layers: int, problems: Problems, rule: str) -> dict:
     `sliding_window` on every layer (rule "all": Mistral and Phi-3), on every other layer from
     layer 0 (rule "alternate": Gemma-2), on layers >=
     max_window_layers when use_sliding_window is set (rule "qwen": Qwen's transformers 4
-    configs), or nowhere (rule "none": a window there is refused)."""
+    configs), on all but every sliding_window_pattern-th layer (rule "pattern": Gemma-3's
+    transformers 4 configs, default 6), or nowhere (rule "none": a window there is refused)."""
     window = d.get("sliding_window")
     types = d.get("layer_types")
     if types is not None:
@@ -189,6 +212,11 @@ def windows(d: dict, n_layers: int, problems: Problems, rule: str) -> dict:
         layers = list(range(n_layers)) if window else []
     elif rule == "alternate":  # Gemma-2's transformers 4 configs: even layers are local
         layers = [i for i in range(n_layers) if i % 2 == 0] if window else []
+    elif rule == "pattern":
+        every = d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6))
+        problems.check(isinstance(every, int) and every > 0, f"sliding_window_pattern={every!r}")
+        every = every if isinstance(every, int) and every > 0 else 1
+        layers = [i for i in range(n_layers) if (i + 1) % every] if window else []
     elif rule == "qwen":
         start = d.get("max_window_layers", 0) or 0
         layers = [i for i in range(n_layers) if i >= start] if d.get("use_sliding_window") else []

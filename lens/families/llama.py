@@ -16,9 +16,10 @@ _READ = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
 
 
 def spec(d: dict, name: str, qkv_bias: bool = False, qk_norm=None, window_rule: str = "none",
-         read: frozenset = frozenset()) -> GPTConfig:
-    """A Llama-layout config.json → GPTConfig; `qkv_bias`, `qk_norm` and the window rule are
-    what the families built on Llama change."""
+         read: frozenset = frozenset(), local_rope: bool = False) -> GPTConfig:
+    """A Llama-layout config.json → GPTConfig; `qkv_bias`, `qk_norm`, the window rule and
+    whether windowed layers have a rotary base of their own are what the families built on
+    Llama change."""
     p = Problems(name)
     D, H = d["hidden_size"], d["num_attention_heads"]
     E = d.get("head_dim") or D // H
@@ -27,7 +28,7 @@ def spec(d: dict, name: str, qkv_bias: bool = False, qk_norm=None, window_rule: 
     attention_bias = bool(d.get("attention_bias", False))
     mlp_bias = bool(d.get("mlp_bias", False))
     refuse_unknown(d, _READ | read, p)
-    positions = rope(d, E, p)
+    positions = rope(d, E, p, local=local_rope)
     window = windows(d, d["num_hidden_layers"], p, window_rule)
     p.raise_any()
     return GPTConfig(
