@@ -344,6 +344,31 @@ def _llama_backend(metaspace: bool) -> Backend:
     return tok
 
 
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def _gemma_backend() -> Backend:
+    """Gemma's SentencePiece-style BPE: <pad> <eos> <bos> <unk> <mask> and the turn markers,
+    the 256 <0xNN> byte-fallback tokens, then the trained pieces; every space becomes ▁ by a
+    Replace normalizer, with no prefix space added and none stripped when decoding."""
+    trained = Backend(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizers.Replace(" ", "▁")
+    model = json.loads(_train(trained, 320, GEMMA_SPECIALS).to_str())["model"]
+    n = len(GEMMA_SPECIALS)
+    vocab = {t: i for i, t in enumerate(GEMMA_SPECIALS)}
+    vocab.update({f"<0x{b:02X}>": n + b for b in range(256)})
+    vocab.update({t: i + 256 for t, i in model["vocab"].items() if i >= n})
+    tok = Backend(models.BPE(vocab, [tuple(m) for m in model["merges"]], unk_token="<unk>",
+                             byte_fallback=True, fuse_unk=True))
+    tok.normalizer = trained.normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", 2)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GEMMA_SPECIALS])
+    return tok
+
+
 def _byte_level_backend(specials: list[str], pattern: Optional[str] = None) -> Backend:
     """GPT-NeoX-style byte-level BPE (NFC, ByteLevel), or Qwen's with its split pattern first."""
     tok = Backend(models.BPE())
@@ -379,6 +404,11 @@ FAMILIES = {
         "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True,
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}},
         bos="<s>", eos="</s>", pad="</s>", prepends_bos=True),
+    "gemma": Family(_gemma_backend, {"tokenizer_config.json": {
+        "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "mask_token": "<mask>"}},
+        bos="<bos>", eos="<eos>", pad="<pad>", prepends_bos=True),
     "neox": Family(lambda: _byte_level_backend([ENDOFTEXT, "<|padding|>"]), {
         "tokenizer_config.json": {"tokenizer_class": "GPTNeoXTokenizer",
                                   "add_prefix_space": False, "pad_token": None},
