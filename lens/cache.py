@@ -48,14 +48,19 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
                    remove_batch_dim: bool = False, pos_slice: PosSlice = None,
                    stop_at_layer=None, **kwargs):
     """Run the model and return (output, ActivationCache) of the hook points `names_filter`
-    selects (a name, a list, a predicate; all when None).
+    selects (a name, a list, a predicate). With none, every hook point but the per-head
+    expansions (hook_result, hook_q/k/v_input) and hook_mlp_in, as TransformerLens caches by
+    default (model.default_cache_names; model.set_use_attn_result(True) & co. add them).
 
     device: where cached tensors go (GPU → CPU copies are non-blocking; one synchronisation at
     the end). incl_bwd: call backward on the (scalar) output and cache gradients as
     "<name>_grad". stop_at_layer="auto": stop after the last block the filter needs (the
     output is then None unless the final LayerNorm or logits are asked for).
     """
-    names = model.hook_names_matching(names_filter)
+    if names_filter is None and hasattr(model, "default_cache_names"):
+        names = model.default_cache_names()
+    else:
+        names = model.hook_names_matching(names_filter)
     L = model.cfg.n_layers
     auto = stop_at_layer == "auto"
     if auto:
@@ -134,9 +139,15 @@ class ActivationCache(Mapping):
         except KeyError:
             import difflib
             near = difflib.get_close_matches(name, self.cache_dict, n=3, cutoff=0.5)
+            leaf = name.rsplit(".", 1)[-1]
+            flag = {"hook_result": "set_use_attn_result", "hook_q_input": "set_use_split_qkv_input",
+                    "hook_k_input": "set_use_split_qkv_input", "hook_v_input": "set_use_split_qkv_input",
+                    "hook_mlp_in": "set_use_hook_mlp_in"}.get(leaf)
+            why = (f"; run_with_cache() with no filter leaves {leaf} out, as TransformerLens does: "
+                   f"name it in names_filter, or call model.{flag}(True) first") if flag else ""
             raise KeyError(f"{name!r} is not in the cache (it holds {len(self.cache_dict)} "
                            f"activations{'; nearest: ' + str(near) if near else ''}); "
-                           "include it in run_with_cache's names_filter") from None
+                           f"include it in run_with_cache's names_filter{why}") from None
 
     def __contains__(self, key) -> bool:
         try:
@@ -192,12 +203,15 @@ class ActivationCache(Mapping):
 
     # ------------------------------------------------------------------ structure
     def _layer(self, layer: Optional[int]) -> int:
+        """A place in the stream, 0..n_layers (n_layers: the final stream, after every block).
+        None and -1 mean the final stream, as in TransformerLens; -k counts back from it."""
         L = self.model.cfg.n_layers
         if layer is None:
             return L
-        if not -L <= layer <= L:
-            raise ValueError(f"layer={layer} must be in [-{L}, {L}]")
-        return layer % L if layer < 0 else layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -(L + 1) <= layer <= L:
+            raise ValueError(f"layer={layer!r} must be an int in [-{L + 1}, {L}] (None, -1 and "
+                             f"{L} are the final stream, after every block)")
+        return layer + L + 1 if layer < 0 else layer
 
     def _resid_at(self, layer: int, mlp_input: bool = False) -> Tensor:
         if layer == self.model.cfg.n_layers:

@@ -3,6 +3,7 @@ the axis names used everywhere else (`d_model`, `n_heads`, `d_head`, ...); its o
 decide which parts are built. The forward pass never reads a family name."""
 
 import dataclasses
+import math
 import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -122,6 +123,9 @@ class GPTConfig:
             self.n_kv_heads = self.n_heads
         if self.windowed_layers is not None:
             self.windowed_layers = tuple(self.windowed_layers)
+        if self.attn_scale is None and isinstance(self.d_head, int) and self.d_head > 0:
+            self.attn_scale = math.sqrt(self.d_head)  # TransformerLens's default, stated
+        self._model = None  # the model built on this config (see HookedGPT), for cfg.device
         problems = []
         for name in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx", "n_kv_heads"):
             value = getattr(self, name)
@@ -191,6 +195,107 @@ class GPTConfig:
         if self.local_rotary_base is not None and self.window_of(layer) is not None:
             return float(self.local_rotary_base), self.local_rope_scaling
         return float(self.rotary_base), self.rope_scaling
+
+    # ------------------------------------------------------------------ TransformerLens's names
+    # Read-only views under the names TransformerLens's HookedTransformerConfig uses, so that
+    # scripts reading model.cfg.<field> get what they mean there.
+    @property
+    def device(self) -> torch.device:
+        """The device of the model built on this config (its embedding's), else cpu."""
+        model = self._model() if self._model is not None else None
+        return model.W_E.device if model is not None else torch.device("cpu")
+
+    @property
+    def normalization_type(self) -> Optional[str]:
+        return self.normalization
+
+    @property
+    def positional_embedding_type(self) -> str:
+        """"standard" (learned W_pos), "rotary", or "none" (a lens model with neither)."""
+        return "standard" if self.positional_embedding else "rotary" if self.rotary_dim else "none"
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
+
+    @property
+    def n_key_value_heads(self) -> Optional[int]:
+        """Key/value heads under grouped-query attention, None otherwise (TransformerLens's
+        convention)."""
+        return self.n_kv_heads if self.n_kv_heads != self.n_heads else None
+
+    @property
+    def use_local_attn(self) -> bool:
+        return self.window is not None
+
+    @property
+    def window_size(self) -> Optional[int]:
+        return self.window
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.tied_embeddings
+
+    @property
+    def use_normalization_before_and_after(self) -> bool:
+        return self.post_norms
+
+    @property
+    def attn_scores_soft_cap(self) -> float:
+        return -1.0 if self.attn_softcap is None else float(self.attn_softcap)
+
+    @property
+    def output_logits_soft_cap(self) -> float:
+        return -1.0 if self.final_softcap is None else float(self.final_softcap)
+
+    @property
+    def use_qk_norm(self) -> bool:
+        return self.qk_norm is not None
+
+    @property
+    def use_attn_scale(self) -> bool:
+        return True
+
+    @property
+    def model_name(self) -> str:
+        return str(self.metadata.get("name", "custom"))
+
+    @property
+    def original_architecture(self) -> Optional[str]:
+        return self.metadata.get("architecture")
+
+    @property
+    def n_params(self) -> int:
+        """Weights in the attention and MLP matrices, as TransformerLens counts them."""
+        attn = self.d_model * self.d_head * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 0 if self.attn_only else self.d_model * self.d_mlp * (3 if self.gated_mlp else 2)
+        return self.n_layers * (attn + mlp)
+
+    def _runtime(self, name: str, default):
+        model = self._model() if self._model is not None else None
+        return getattr(model, name, default) if model is not None else default
+
+    @property
+    def default_prepend_bos(self) -> bool:
+        return self._runtime("default_prepend_bos", True)
+
+    @property
+    def tokenizer_prepends_bos(self) -> Optional[bool]:
+        tok = self._runtime("tokenizer", None)
+        return getattr(tok, "tokenizer_prepends_bos", None) if tok is not None else None
+
+    @property
+    def default_padding_side(self) -> str:
+        return self._runtime("default_padding_side", "right")
+
+    use_attn_result = property(lambda self: self._runtime("_cache_result", False),
+                               doc="Whether run_with_cache() with no filter caches hook_result.")
+    use_split_qkv_input = property(lambda self: self._runtime("_cache_split_qkv", False),
+                                   doc="Whether run_with_cache() with no filter caches hook_q/k/v_input.")
+    use_attn_in = property(lambda self: self._runtime("_cache_attn_in", False),
+                           doc="Whether run_with_cache() with no filter caches hook_attn_in.")
+    use_hook_mlp_in = property(lambda self: self._runtime("_cache_mlp_in", False),
+                               doc="Whether run_with_cache() with no filter caches hook_mlp_in.")
 
     # ------------------------------------------------------------------ derived facts
     @property

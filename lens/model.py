@@ -6,6 +6,7 @@ loss or both. What is built follows the spec (lens.config); caching lives in run
 analysis on top in its own modules."""
 
 import re
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -24,6 +25,12 @@ RETURN_TYPES = ("logits", "loss", "both", None)
 
 class HookedGPT(Hookable, nn.Module):
     """A decoder-only transformer whose every residual-stream read and write is a hook point."""
+
+    # What run_with_cache() with no names filter leaves out unless asked (TransformerLens's
+    # default cache): the per-head copies of the stream and of each head's write, and mlp_in.
+    _cache_result = _cache_split_qkv = _cache_attn_in = _cache_mlp_in = False
+    default_prepend_bos = True
+    default_padding_side = "right"
 
     def __init__(self, cfg: GPTConfig, tokenizer=None, init: bool = True):
         super().__init__()
@@ -44,6 +51,40 @@ class HookedGPT(Hookable, nn.Module):
         self.setup_hooks()
         if init:
             self.init_weights()
+
+    def __setattr__(self, name, value):
+        if name == "cfg" and isinstance(value, GPTConfig):
+            value._model = weakref.ref(self)  # cfg.device and the other runtime views ask it
+        super().__setattr__(name, value)
+
+    # ------------------------------------------------------------------ what the default cache holds
+    def set_use_attn_result(self, use: bool) -> None:
+        """Let run_with_cache() with no filter cache each head's write (hook_result), as
+        TransformerLens's flag does. lens computes hook_result whenever it is hooked or named,
+        flag or not; the flag only decides what the unfiltered cache includes."""
+        self._cache_result = bool(use)
+
+    def set_use_split_qkv_input(self, use: bool) -> None:
+        """As set_use_attn_result, for the per-head stream copies hook_q/k/v_input."""
+        self._cache_split_qkv = bool(use)
+
+    def set_use_attn_in(self, use: bool) -> None:
+        """As set_use_attn_result, for hook_attn_in (lens's per-head inputs are
+        hook_q/k/v_input; hook_attn_in is not built, so this changes nothing)."""
+        self._cache_attn_in = bool(use)
+
+    def set_use_hook_mlp_in(self, use: bool) -> None:
+        """As set_use_attn_result, for hook_mlp_in."""
+        self._cache_mlp_in = bool(use)
+
+    def default_cache_names(self) -> list[str]:
+        """The hook points run_with_cache() caches when given no filter: every one except the
+        per-head expansions (hook_result, hook_q/k/v_input) and hook_mlp_in, unless the
+        set_use_* flags ask for them, as in TransformerLens. Naming them caches them anyway."""
+        skip = {"hook_result": self._cache_result, "hook_q_input": self._cache_split_qkv,
+                "hook_k_input": self._cache_split_qkv, "hook_v_input": self._cache_split_qkv,
+                "hook_mlp_in": self._cache_mlp_in}
+        return [n for n in self.hook_dict if skip.get(n.rsplit(".", 1)[-1], True)]
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()

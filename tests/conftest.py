@@ -22,6 +22,12 @@ def load_script(name: str):
     return module
 
 
+def EVERY(name: str) -> bool:
+    """A names filter for every hook point, the per-head copies (hook_result, hook_q_input, ...)
+    that run_with_cache() leaves out by default included."""
+    return True
+
+
 def make_model(seed: int = 0, **overrides) -> lens.HookedGPT:
     """A tiny GPT with every parameter random (LayerNorm weights and biases included)."""
     kw = dict(n_layers=2, d_model=16, n_heads=2, d_vocab=37, n_ctx=12, act_fn="gelu_new")

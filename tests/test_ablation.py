@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_model, make_tokens
+from conftest import EVERY, make_model, make_tokens
 
 from lens.ablation import (ablate_heads, hook_name, mean_activations, mean_ablate,
                            resample_ablate, resample_indices, zero_ablate)
@@ -20,9 +20,9 @@ def test_hook_names():
 
 @pytest.mark.parametrize("head", [0, 1])
 def test_zero_ablating_z_removes_that_heads_term(model, tokens, head):
-    _, clean = model.run_with_cache(tokens)
+    _, clean = model.run_with_cache(tokens, names_filter=EVERY)
     with model.hooks(fwd_hooks=[zero_ablate("z", 0, heads=head)]):
-        _, ablated = model.run_with_cache(tokens)
+        _, ablated = model.run_with_cache(tokens, names_filter=EVERY)
     # attn_out loses exactly the head's z @ W_O term; the other head's write is untouched
     removed = clean["result", 0][:, :, head]
     torch.testing.assert_close(ablated["attn_out", 0], clean["attn_out", 0] - removed)
@@ -30,7 +30,7 @@ def test_zero_ablating_z_removes_that_heads_term(model, tokens, head):
     assert torch.equal(ablated["result", 0][:, :, 1 - head], clean["result", 0][:, :, 1 - head])
     # in a later layer the same holds against that layer's own (changed) per-head writes
     with model.hooks(fwd_hooks=[zero_ablate("z", 1, heads=head)]):
-        _, late = model.run_with_cache(tokens)
+        _, late = model.run_with_cache(tokens, names_filter=EVERY)
     manual = late["result", 1].sum(2) + model.blocks[1].attn.b_O
     torch.testing.assert_close(late["attn_out", 1], manual)
     torch.testing.assert_close(late["attn_out", 1], clean["attn_out", 1] - clean["result", 1][:, :, head])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, make_tokens
+from conftest import EVERY, make_model, make_tokens
 
 from lens.attribution import (dla_hook_names, direct_logit_attribution, logit_diff_direction,
                               logit_lens)
@@ -20,7 +20,7 @@ CONFIGS = {
 def setup(cfg: dict, batch: int = 3):
     model = make_model(seed=4, dtype=torch.float64, **cfg)
     tokens = make_tokens(model, batch=batch, pos=6, seed=2)
-    logits, cache = model.run_with_cache(tokens)
+    logits, cache = model.run_with_cache(tokens, names_filter=EVERY)
     g = torch.Generator().manual_seed(0)
     answer = torch.randint(0, model.cfg.d_vocab, (batch,), generator=g)
     wrong = torch.randint(0, model.cfg.d_vocab, (batch,), generator=g)

@@ -13,6 +13,8 @@ import lens
 from lens.attribution import direct_logit_attribution, dla_hook_names
 from lens.loading import config_from_hf, from_pretrained
 
+EVERY = lambda name: True  # noqa: E731 (run_with_cache of every hook point, per-head copies included)
+
 SIZE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
             vocab_size=101, max_position_embeddings=64)
 # family -> (config class, model class, options), each with what makes it that family; windows
@@ -239,7 +241,7 @@ def family_model(request, tmp_path_factory):
 def test_residual_identities(family_model):
     model, name = family_model
     toks = tokens()
-    _, cache = model.run_with_cache(toks)
+    _, cache = model.run_with_cache(toks, names_filter=EVERY)
     cfg = model.cfg
     for l in range(cfg.n_layers):
         pre, attn, mlp = cache["resid_pre", l], cache["attn_out", l], cache["mlp_out", l]
@@ -286,7 +288,7 @@ def test_dla_plus_its_constants_is_the_logit_difference(tmp_path_factory, proces
 
 def test_apply_ln_to_stack_sums_to_the_normalised_stream(family_model):
     model, _ = family_model
-    _, cache = model.run_with_cache(tokens())
+    _, cache = model.run_with_cache(tokens(), names_filter=EVERY)
     stack = cache.decompose_resid(layer=None, apply_ln=True)
     ln = model.ln_final
     want = ln.plain(cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"])

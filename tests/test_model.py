@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, make_tokens
+from conftest import EVERY, make_model, make_tokens
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -93,7 +93,7 @@ def test_hand_computed_forward_at_every_hook_point(attn_only):
 def assert_every_hook_point_matches(model, tokens: torch.Tensor, by_hand_forward) -> None:
     """The cache of every hook point equals the by-hand forward's, name for name."""
     expected = by_hand_forward(model, tokens[0])
-    logits, cache = model.run_with_cache(tokens)
+    logits, cache = model.run_with_cache(tokens, names_filter=EVERY)
     assert set(expected) == set(cache), set(expected) ^ set(cache)
     for name, want in expected.items():
         got = cache[name][0].double()
@@ -282,7 +282,7 @@ def test_stream_identities(c):
     model, tokens = _model_and_tokens(c)
     with torch.no_grad():
         fused = model(tokens)
-        logits, cache = model.run_with_cache(tokens)  # caching everything: the materialised path
+        logits, cache = model.run_with_cache(tokens, names_filter=EVERY)  # caching everything: the materialised path
     torch.testing.assert_close(logits, fused, atol=1e-5, rtol=1e-5)
     cfg = model.cfg
     for l in range(cfg.n_layers):
@@ -385,7 +385,7 @@ def test_soft_capped_scores_and_logits_and_the_attention_scale():
     cap, final, scale = 2.0, 3.0, 0.7
     model = make_model(n_heads=2, attn_softcap=cap, final_softcap=final, attn_scale=1 / scale).double()
     tokens = make_tokens(model)
-    logits, cache = model.run_with_cache(tokens)
+    logits, cache = model.run_with_cache(tokens, names_filter=EVERY)
     q, k = cache["q", 1], cache["k", 1]
     raw = torch.einsum("bqhe,bkhe->bhqk", q, k) * scale
     n = tokens.shape[1]

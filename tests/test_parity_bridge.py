@@ -93,6 +93,9 @@ def test_every_shared_hook_point_matches_transformer_bridge(tmp_path, monkeypatc
     hf = random_hf(family)
     hf.save_pretrained(tmp_path / "ckpt")
     ours = HookedGPT.from_pretrained_no_processing(tmp_path / "ckpt")
+    ours.set_use_attn_result(True)  # the bridge's flags, boot_bridge, on both sides
+    ours.set_use_split_qkv_input(True)
+    ours.set_use_hook_mlp_in(True)
     theirs = boot_bridge(tmp_path / "ckpt", tmp_path / "tokenizer")
     toks = tokens()
     with torch.no_grad():

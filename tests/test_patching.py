@@ -4,7 +4,7 @@ patched activation; path patching equals a hand-written three-step version."""
 
 import pytest
 import torch
-from conftest import make_model, make_tokens
+from conftest import EVERY, make_model, make_tokens
 
 from lens.cache import act_name
 from lens.patching import (PatchResult, activation_patch, attribution_patch, path_patch,
@@ -38,7 +38,7 @@ def naive_patched_logits(model, clean, corrupted, site, per, direction):
     """One full forward per patch, copying the source activation into the base run with a hook:
     the logits of each patch, in the order layer, (head), (position)."""
     base, src = (corrupted, clean) if direction == "clean_to_corrupted" else (clean, corrupted)
-    _, src_cache = model.run_with_cache(src)
+    _, src_cache = model.run_with_cache(src, names_filter=EVERY)
     pos_axis, head_axis = AXES[site]
     heads = range(model.cfg.n_heads) if per.startswith("head") else [None]
     positions = range(base.shape[1]) if per.endswith("pos") else [None]
@@ -184,8 +184,8 @@ def test_attribution_with_frozen_weights(model):
 def naive_path_patch(model, clean, corrupted, metric, senders, receivers, direction):
     """The IOI paper's three steps with full forward passes."""
     base, src = (corrupted, clean) if direction == "clean_to_corrupted" else (clean, corrupted)
-    _, base_cache = model.run_with_cache(base)
-    _, src_cache = model.run_with_cache(src)
+    _, base_cache = model.run_with_cache(base, names_filter=EVERY)
+    _, src_cache = model.run_with_cache(src, names_filter=EVERY)
 
     def freeze(z, hook):  # every head at its base value, the senders at their source value
         z = base_cache[hook.name].clone()

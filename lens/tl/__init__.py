@@ -1,0 +1,27 @@
+"""TransformerLens's import surface over lens: a TransformerLens script runs on lens by changing
+its import,
+
+    import lens.tl as transformer_lens
+    from lens.tl import HookedTransformer, HookedTransformerConfig, ActivationCache, utils, patching
+
+and gets TransformerLens's numbers from lens's engine. The differences that remain on purpose
+are listed in README's porting guide."""
+
+import importlib
+
+from lens.cache import ActivationCache
+from lens.factored import FactoredMatrix
+from lens.hooks import HookPoint
+from lens.tl.model import HookedTransformer, HookedTransformerConfig
+
+_SUBMODULES = ("utils", "patching", "head_detector", "evals")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"lens.tl.{name}")
+    raise AttributeError(f"module 'lens.tl' has no attribute {name!r}")
+
+
+__all__ = ["ActivationCache", "FactoredMatrix", "HookPoint", "HookedTransformer",
+           "HookedTransformerConfig", *_SUBMODULES]
