@@ -6,8 +6,9 @@ soft-capped at 50 and final logits at 30; norm weights randomised; written by
 Gemma2ForCausalLM.save_pretrained to a temporary folder):
 
 1. forward with no hooks, logits of every position: lens as lens.loading.from_pretrained
-   loads it (processed: norm weights folded) and with process=False (no_processing), vs HF
-   Gemma2ForCausalLM, with the max |Δ log-prob| of each lens model against HF;
+   loads it (processed: norm weights folded) and with process=False (no_processing, as
+   HookedGPT.from_pretrained_no_processing loads it), vs HF Gemma2ForCausalLM, with the
+   max |Δ log-prob| of each lens model against HF;
 2. run_with_cache of every blocks.{l}.hook_resid_post, relative to the same lens model's forward.
 
 HF's attention implementations are tried first: "eager" materialises the soft-capped scores;
@@ -98,12 +99,10 @@ def hf_models(folder: str, tokens: torch.Tensor):
 def speed_tables(folder: str, args) -> str:
     import transformers
 
-    import lens
     from lens.loading import from_pretrained
     transformers.utils.logging.disable_progress_bar()
     processed = from_pretrained(folder).eval()
     plain = from_pretrained(folder, process=False).eval()
-    assert type(plain) is lens.HookedGPT
     V = processed.cfg.d_vocab
     probe = torch.randint(0, V, (1, args.pos), generator=torch.Generator().manual_seed(0))
     hfs, notes = hf_models(folder, probe)

@@ -226,7 +226,10 @@ class ActivationCache(Mapping):
                           apply_ln: bool = False, pos_slice: PosSlice = None,
                           mlp_input: bool = False, return_labels: bool = False):
         """The stream as it accumulates: resid_pre of blocks 0..layer (and the final stream when
-        layer is None or n_layers), stacked as [component, batch, pos, d_model]."""
+        layer is None, -1 or n_layers), stacked as [component, batch, pos, d_model].
+        apply_ln=True at the final stream puts each through ln_final with its own statistics
+        (the logit lens, as TransformerLens 4); before a block, through that block's norm
+        with the cached scale (frozen)."""
         layer = self._layer(layer)
         L = self.model.cfg.n_layers
         parts, labels = [], []
@@ -238,7 +241,8 @@ class ActivationCache(Mapping):
             parts.append(self[sites.name("resid_post", L - 1)]); labels.append("final_post")
         stack = self._pos(torch.stack(parts), pos_slice, 2 if self.has_batch_dim else 1)
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice,
+                                           recompute_ln=layer == L)
         return (stack, labels) if return_labels else stack
 
     def decompose_resid(self, layer: Optional[int] = None, mlp_input: bool = False,
@@ -332,10 +336,14 @@ class ActivationCache(Mapping):
                 writes = self.model.blocks[l].ln2_post.frozen(writes, scale)
             parts.append(writes)
             labels += [f"L{l}N{int(n)}" for n in ids]
-        stack = torch.cat(parts)
+        if parts:
+            stack = torch.cat(parts)
+        else:  # layer 0: no neuron has written yet
+            like = self._pos(self._resid_at(0), pos_slice, pdim - 1)
+            stack = like.new_zeros(0, *like.shape)
         if incl_remainder:
-            rest = self._pos(self._resid_at(layer), pos_slice, pdim - 1) - stack.sum(0)
-            stack = torch.cat([stack, rest[None]])
+            stream = self._pos(self._resid_at(layer), pos_slice, pdim - 1)
+            stack = torch.cat([stack, (stream - stack.sum(0))[None]])
             labels.append("remainder")
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
@@ -349,16 +357,24 @@ class ActivationCache(Mapping):
 
     def apply_ln_to_stack(self, residual_stack: Float[Tensor, "... d_model"], layer: Optional[int] = None,
                           mlp_input: bool = False, pos_slice: PosSlice = None,
-                          batch_slice: PosSlice = None, has_batch_dim: bool = True
-                          ) -> Float[Tensor, "... d_model"]:
+                          batch_slice: PosSlice = None, has_batch_dim: bool = True,
+                          recompute_ln: bool = False) -> Float[Tensor, "... d_model"]:
         """Apply the norm that reads the stream at `layer` (the final one when None) to each
         component, with the scale frozen from the cache: centre (LayerNorm only), divide by the
         cached scale, and multiply by the norm's weight. The bias is left out (it belongs to no
-        component), so the components sum to norm(stream) − b."""
+        component), so the components sum to norm(stream) − b.
+
+        recompute_ln=True at the final stream instead runs each component through ln_final
+        itself, with statistics of its own (weight and bias included: the logit lens), as in
+        TransformerLens 4."""
         layer = self._layer(layer)
         cfg = self.model.cfg
         if cfg.normalization is None:
             return residual_stack
+        if recompute_ln and layer == cfg.n_layers:
+            if has_batch_dim and self.has_batch_dim and batch_slice is not None:
+                residual_stack = _index_dim(residual_stack, 1, pos_index(batch_slice))
+            return self.model.ln_final(residual_stack)
         ln = self.model.ln_final if layer == cfg.n_layers else (
             self.model.blocks[layer].ln2 if mlp_input else self.model.blocks[layer].ln1)
         if ln is None:  # nothing normalises the stream where this block reads it (OLMo-2)

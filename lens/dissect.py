@@ -89,7 +89,7 @@ def dissect(model, text: str, *, layer: Optional[int] = None, head: Optional[int
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative int")
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature!r} must be >= 0 (0 samples greedily)")
-    tokens = model.to_tokens(text, prepend_bos=prepend_bos)
+    tokens = model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)
     n = tokens.shape[1]
     if n > cfg.n_ctx:
         raise ValueError(f"the text is {n} tokens{' with BOS' if prepend_bos else ''}, longer "

@@ -265,6 +265,9 @@ class HookedGPT(Hookable, nn.Module):
         tokens: Optional[Tensor] = None,
         loss_per_token: bool = False,
         past_kv: Optional[KVCache] = None,
+        past_kv_cache: Optional[KVCache] = None,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
     ):
         """Logits [batch, pos, d_vocab], loss, both, or None; or the residual stream
         [batch, pos, d_model] before block `stop_at_layer` when that is given.
@@ -273,10 +276,16 @@ class HookedGPT(Hookable, nn.Module):
         `tokens=` too for a loss). `attention_mask` [batch, pos] marks real tokens in a padded
         batch; positions then count real tokens only.
 
-        `past_kv` (a lens.generate.KVCache) holds the keys and values of earlier tokens: only
-        the new tokens run, at the positions after the cached ones, and join the cache;
-        `attention_mask` then covers cached and new tokens (see KVCache).
+        `past_kv` (a lens.generate.KVCache; `past_kv_cache` is TransformerLens's name for it)
+        holds the keys and values of earlier tokens: only the new tokens run, at the positions
+        after the cached ones, and join the cache; `attention_mask` then covers cached and new
+        tokens (see KVCache). `prepend_bos` and `padding_side` apply to string input (None:
+        model.default_prepend_bos and the tokenizer's padding_side).
         """
+        if past_kv_cache is not None:
+            if past_kv is not None:
+                raise ValueError("give past_kv or past_kv_cache (the same thing), not both")
+            past_kv = past_kv_cache
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type={return_type!r}; valid values are {RETURN_TYPES}")
         L = self.cfg.n_layers
@@ -284,7 +293,7 @@ class HookedGPT(Hookable, nn.Module):
         stop = _layer_index(stop_at_layer, L, "stop_at_layer") if stop_at_layer is not None else L
         if start == 0 and start_at_layer is None:
             if isinstance(input, (str, list)) and not isinstance(input, Tensor):
-                input, mask_of_text = self.to_tokens_with_mask(input)
+                input, mask_of_text = self.to_tokens_with_mask(input, prepend_bos, padding_side)
                 if attention_mask is None and input.shape[0] > 1:
                     attention_mask = mask_of_text
             tokens = self.check_tokens(input)
@@ -412,24 +421,37 @@ class HookedGPT(Hookable, nn.Module):
                              "load one with lens.tokenizer.load_tokenizer() and set model.tokenizer")
         return self.tokenizer
 
-    def to_tokens(self, input, prepend_bos: bool = True, padding_side: str = "right",
-                  move_to_device: bool = True, truncate: bool = False) -> Int[Tensor, "batch pos"]:
+    def to_tokens(self, input, prepend_bos: Optional[bool] = None, padding_side: Optional[str] = None,
+                  move_to_device: bool = True, truncate: bool = True) -> Int[Tensor, "batch pos"]:
+        """Tokens [batch, pos] of a string or a list of strings (padded on padding_side), the
+        first n_ctx of each (truncate=False raises instead), as TransformerLens. None:
+        model.default_prepend_bos, and the tokenizer's padding_side."""
         from lens import tokenizer as T
-        tokens = T.to_tokens(self._tok(), input, prepend_bos=prepend_bos, padding_side=padding_side,
-                             truncate=truncate, n_ctx=self.cfg.n_ctx)
+        tokens = T.to_tokens(self._tok(), input, prepend_bos=self._bos(prepend_bos),
+                             padding_side=self._side(padding_side), truncate=truncate,
+                             n_ctx=self.cfg.n_ctx)
         return tokens.to(self.W_E.device) if move_to_device else tokens
 
-    def to_tokens_with_mask(self, input, prepend_bos: bool = True, padding_side: str = "right"
+    def to_tokens_with_mask(self, input, prepend_bos: Optional[bool] = None,
+                            padding_side: Optional[str] = None
                             ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
         """Tokens of a string or a batch of strings, padded, with the mask of real tokens."""
         from lens import tokenizer as T
-        tokens, mask = T.to_tokens_with_mask(self._tok(), input, prepend_bos=prepend_bos,
-                                             padding_side=padding_side, n_ctx=self.cfg.n_ctx)
+        tokens, mask = T.to_tokens_with_mask(self._tok(), input, prepend_bos=self._bos(prepend_bos),
+                                             padding_side=self._side(padding_side), n_ctx=self.cfg.n_ctx)
         return tokens.to(self.W_E.device), mask.to(self.W_E.device)
 
-    def to_str_tokens(self, input, prepend_bos: bool = True):
+    def _bos(self, prepend_bos: Optional[bool]) -> bool:
+        return self.default_prepend_bos if prepend_bos is None else prepend_bos
+
+    def _side(self, padding_side: Optional[str]) -> Optional[str]:
+        """The side to pad on: as asked, else the model's default_padding_side if it was set
+        (from_pretrained(default_padding_side=)), else the tokenizer's padding_side."""
+        return padding_side if padding_side is not None else vars(self).get("default_padding_side")
+
+    def to_str_tokens(self, input, prepend_bos: Optional[bool] = None):
         from lens import tokenizer as T
-        return T.to_str_tokens(self._tok(), input, prepend_bos=prepend_bos)
+        return T.to_str_tokens(self._tok(), input, prepend_bos=self._bos(prepend_bos))
 
     def to_string(self, tokens):
         from lens import tokenizer as T
@@ -439,9 +461,79 @@ class HookedGPT(Hookable, nn.Module):
         from lens import tokenizer as T
         return T.to_single_token(self._tok(), string)
 
-    def get_token_position(self, single_token, input, mode: str = "first", prepend_bos: bool = True) -> int:
+    def get_token_position(self, single_token, input, mode: str = "first",
+                           prepend_bos: Optional[bool] = None) -> int:
         from lens import tokenizer as T
-        return T.get_token_position(self._tok(), single_token, input, mode=mode, prepend_bos=prepend_bos)
+        return T.get_token_position(self._tok(), single_token, input, mode=mode,
+                                    prepend_bos=self._bos(prepend_bos))
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The string of one token id."""
+        if isinstance(int_token, bool) or not isinstance(int_token, int):
+            raise TypeError(f"to_single_str_token takes an int token id, got {type(int_token).__name__}")
+        return self.to_str_tokens(torch.tensor([int_token]))[0]
+
+    # ------------------------------------------------------------------ TransformerLens's helpers
+    def tokens_to_residual_directions(self, tokens: Union[str, int, Tensor]
+                                      ) -> Float[Tensor, "... d_model"]:
+        """The unembedding column W_U[:, t] of each token: [d_model] for one token (a str, an
+        int, a one-element tensor), [..., d_model] for a tensor of ids. On a model whose final
+        norm is not folded this is not the whole map from the stream to the logit."""
+        if isinstance(tokens, Tensor) and tokens.numel() > 1:
+            ids = self.check_tokens(tokens.long().reshape(1, -1)).reshape(tokens.shape)
+            return self.W_U[:, ids].movedim(0, -1)
+        if isinstance(tokens, str):
+            token = self.to_single_token(tokens)
+        elif isinstance(tokens, Tensor) and tokens.numel() == 1:
+            token = int(tokens.item())
+        elif isinstance(tokens, int) and not isinstance(tokens, bool):
+            token = tokens
+        else:
+            raise TypeError(f"tokens must be a str, an int or a tensor of ids, got {type(tokens).__name__}")
+        self.check_tokens(torch.tensor([[token]]))
+        return self.W_U[:, token]
+
+    def input_to_embed(self, input, prepend_bos: Optional[bool] = None,
+                       padding_side: Optional[str] = None, attention_mask: Optional[Tensor] = None):
+        """(resid_pre of block 0, tokens, None, attention_mask), as TransformerLens returns them
+        (the third is its shortformer positions, which lens does not have): feed the stream to
+        forward(..., start_at_layer=0)."""
+        if isinstance(input, (str, list)):
+            tokens, mask = self.to_tokens_with_mask(input, prepend_bos, padding_side)
+            if attention_mask is None and (isinstance(input, list) and len(input) > 1):
+                attention_mask = mask
+        else:
+            tokens = input[None] if isinstance(input, Tensor) and input.ndim == 1 else input
+        tokens = self.check_tokens(tokens)
+        positions, _ = self._mask_and_positions(*tokens.shape, attention_mask, tokens.device)
+        token = POSITIONS.set(positions)
+        try:
+            return self.embed_stage(tokens, positions), tokens, None, attention_mask
+        finally:
+            POSITIONS.reset(token)
+
+    def loss_fn(self, logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
+                attention_mask: Optional[Tensor] = None, per_token: bool = False):
+        """Next-token cross-entropy, as forward(return_type="loss") computes it."""
+        return lm_loss(logits, tokens, attention_mask, per_token=per_token)
+
+    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True,
+                         center_unembed: bool = True, fold_value_biases: bool = True,
+                         refactor_factored_attn_matrices: bool = False) -> "HookedGPT":
+        """TransformerLens's in-place weight processing (see lens.processing.process_weights;
+        steps that do not fit the architecture are skipped)."""
+        from lens.processing import process_weights, refactor_factored_attn_matrices as refactor
+        process_weights(self, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                        center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                        strict=False)
+        if refactor_factored_attn_matrices:
+            refactor(self)
+        return self
+
+    def refactor_factored_attn_matrices(self) -> None:
+        """TransformerLens's refactoring of W_Q/W_K and W_V/W_O (lens.processing)."""
+        from lens.processing import refactor_factored_attn_matrices
+        refactor_factored_attn_matrices(self)
 
 
 def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],

@@ -291,3 +291,49 @@ def process_weights(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = N
             continue
         _FUNCTIONS[step](target, cfg)
     return target
+
+
+@torch.no_grad()
+def refactor_factored_attn_matrices(target: Union[nn.Module, dict], cfg: Optional[GPTConfig] = None):
+    """TransformerLens's refactoring of each head's low-rank factors, which changes no output:
+    W_QK = W_Q W_Kᵀ (with the biases as a (d_model + 1)-th input row) becomes the even
+    factorisation (U √S, V √S); W_OV = W_V W_O becomes (U S, Vᵀ), so W_O is a rotation, and
+    b_V moves into b_O. Singular vectors are defined up to sign, so single weights may differ
+    from TransformerLens's by a sign per direction; every product (W_QK, W_OV, the output) is
+    the same.
+
+    Refused where the query-key product is not one matrix per head: rotary positions (it then
+    depends on the positions), a QK-norm between projection and score, and grouped-query
+    attention (a key head is shared by several query heads)."""
+    from lens.factored import FactoredMatrix
+    W = _Weights(target, cfg)
+    c = W.cfg
+    problems = [why for bad, why in ((c.rotary_dim > 0, "rotary positions (W_QK depends on the positions)"),
+                                     (c.qk_norm is not None, "a QK-norm between projection and scores"),
+                                     (c.n_kv_heads != c.n_heads, "grouped-query attention"))
+                if bad]
+    if problems:
+        raise ValueError("refactor_factored_attn_matrices needs one query-key matrix per head; "
+                         "this model has " + ", ".join(problems))
+    for l in range(c.n_layers):
+        p = f"blocks.{l}.attn."
+        W_Q, W_K = W[p + "W_Q"], W[p + "W_K"]
+        biased = W.has(p + "b_Q")
+        if biased:
+            W_Q = torch.cat([W_Q, W[p + "b_Q"][:, None, :]], 1)
+            W_K = torch.cat([W_K, W[p + "b_K"][:, None, :]], 1)
+        Q, K_T = FactoredMatrix(W_Q, W_K.mT).make_even().pair
+        K = K_T.mT
+        W[p + "W_Q"], W[p + "W_K"] = Q[:, :c.d_model], K[:, :c.d_model]
+        if biased:
+            W[p + "b_Q"], W[p + "b_K"] = Q[:, -1], K[:, -1]
+        if W.has(p + "b_V"):
+            if not W.has(p + "b_O"):
+                raise ValueError(f"cannot move {p}b_V into b_O: the model has no b_O")
+            W[p + "b_O"] = W[p + "b_O"] + einops.einsum(
+                W[p + "b_V"], W[p + "W_O"], "head d_head, head d_head d_model -> d_model")
+            W[p + "b_V"] = torch.zeros_like(W[p + "b_V"])
+        U, S, V = FactoredMatrix(W[p + "W_V"], W[p + "W_O"]).svd()
+        W[p + "W_V"], W[p + "W_O"] = U * S[..., None, :], V.mT
+    W.record("refactor_factored_attn_matrices")
+    return target

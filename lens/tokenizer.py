@@ -1,9 +1,12 @@
 """Tokenizers built offline from a checkpoint's files: GPT-2's byte-level BPE on tiktoken (the
 packaged vocabulary or vocab.json + merges.txt) and any tokenizer.json (Llama, Mistral, Qwen,
-GPT-NeoX, Phi-3) on HF's `tokenizers`; plus the TransformerLens-style helpers the model uses."""
+GPT-NeoX, Phi-3) on HF's `tokenizers`; both speak the part of HF's tokenizer interface that
+TransformerLens scripts use through model.tokenizer; plus the TransformerLens-style helpers the
+model uses."""
 
 import importlib.util
 import json
+import warnings
 import os
 from collections.abc import Sequence
 from functools import lru_cache
@@ -20,6 +23,10 @@ ENDOFTEXT = "<|endoftext|>"
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token")
 PADDING_SIDES = ("left", "right")
 POSITION_MODES = ("first", "last")
+PADDINGS = (True, False, "longest", "max_length", "do_not_pad")
+TRUNCATIONS = (True, False, "longest_first", "only_first", "do_not_truncate")
+RETURN_TENSORS = ("pt", "np")
+VERY_LARGE_INTEGER = int(1e30)  # HF's model_max_length when a checkpoint names none
 
 TokensLike = Union[torch.Tensor, np.ndarray, Sequence[int]]
 Device = Union[str, torch.device, bool, None]
@@ -33,7 +40,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
-_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
+_CHAR_OF_BYTE = bytes_to_unicode()
+_BYTE_OF_CHAR = {c: b for b, c in _CHAR_OF_BYTE.items()}
 
 
 def _token_bytes(token: str, source: str) -> bytes:
@@ -124,28 +132,321 @@ def gpt2_data_dir() -> Path:
     return data
 
 
-class Tokenizer:
-    """GPT-2 byte-level BPE on a tiktoken Encoding. BOS, EOS and pad are all <|endoftext|>,
+class BatchEncoding(dict):
+    """What HF tokenizers return when called: input_ids (and attention_mask), read as keys or as
+    attributes (enc.input_ids); .to(device) moves the tensors."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchEncoding has no {name!r}; it holds {list(self)}") from None
+
+    def to(self, device: Union[str, torch.device]) -> "BatchEncoding":
+        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v
+                              for k, v in self.items()})
+
+
+def _special_token(key: str, optional: bool = False) -> property:
+    """A special token as HF exposes it: setting the string sets its id too, and vice versa."""
+    def get(self) -> Optional[str]:
+        return self._specials.get(key)
+
+    def set(self, token: Optional[str]) -> None:
+        if token is None and optional:
+            self._specials[key], self._special_ids[key] = None, None
+            return
+        if not isinstance(token, str):
+            raise ValueError(f"{key} must be a token string of the vocab, got {token!r}; lens's "
+                             "tokenizers always have a bos, eos and pad token")
+        token_id = self._token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{self.name}: {key} {token!r} is not in the vocab "
+                             f"({self.vocab_size} ids)")
+        self._specials[key], self._special_ids[key] = token, token_id
+
+    return property(get, set)
+
+
+def _special_token_id(key: str) -> property:
+    def get(self) -> Optional[int]:
+        return self._special_ids.get(key)
+
+    def set(self, token_id: int) -> None:
+        token = self._id_to_token(_as_int(token_id))
+        if token is None:
+            raise ValueError(f"{self.name}: {key}_id {token_id!r} is not an id of the vocab "
+                             f"[0, {self.vocab_size})")
+        setattr(self, key, token)
+
+    return property(get, set)
+
+
+def _side(name: str, value: str) -> str:
+    if value not in PADDING_SIDES:
+        raise ValueError(f"{name}={value!r} is not one of {PADDING_SIDES}")
+    return value
+
+
+class HFInterface:
+    """The part of HF's tokenizer interface that TransformerLens scripts use on model.tokenizer:
+    calling it (padding, truncation, tensors), encode / decode / batch_decode, the vocab, token
+    <-> id conversion, the special tokens and padding_side. A class provides _ids (text -> ids,
+    no special tokens), _text (ids -> text), _token_to_id, _id_to_token, get_vocab and __len__.
+
+    One difference on purpose: encode adds no special tokens unless add_special_tokens=True
+    (lens's helpers prepend BOS themselves); calling the tokenizer adds them, as HF does. Adding
+    them puts BOS first where the checkpoint's tokenizer does (tokenizer_prepends_bos)."""
+
+    _padding_side = _truncation_side = "right"
+    model_max_length: int = VERY_LARGE_INTEGER
+    clean_up_tokenization_spaces: bool = False
+
+    bos_token = _special_token("bos_token")
+    eos_token = _special_token("eos_token")
+    pad_token = _special_token("pad_token")
+    unk_token = _special_token("unk_token", optional=True)
+    bos_token_id = _special_token_id("bos_token")
+    eos_token_id = _special_token_id("eos_token")
+    pad_token_id = _special_token_id("pad_token")
+    unk_token_id = _special_token_id("unk_token")
+
+    def _init_specials(self) -> None:
+        self._specials: dict[str, Optional[str]] = {}
+        self._special_ids: dict[str, Optional[int]] = {}
+
+    def _ids_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self._ids(t) for t in texts]
+
+    @property
+    def padding_side(self) -> str:
+        """Where padding goes: in calls, and in lens's to_tokens when not given one."""
+        return self._padding_side
+
+    @padding_side.setter
+    def padding_side(self, value: str) -> None:
+        self._padding_side = _side("padding_side", value)
+
+    @property
+    def truncation_side(self) -> str:
+        return self._truncation_side
+
+    @truncation_side.setter
+    def truncation_side(self, value: str) -> None:
+        self._truncation_side = _side("truncation_side", value)
+
+    @property
+    def name_or_path(self) -> str:
+        return self.name
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.get_vocab()
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return {k: v for k, v in self._specials.items() if v is not None}
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(dict.fromkeys(self._specials[k] for k in ("bos_token", "eos_token",
+                                  "unk_token", "pad_token") if self._specials.get(k) is not None))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self._token_to_id(t) for t in self.all_special_tokens]
+
+    def encode(self, text: str, add_special_tokens: bool = False,
+               truncation: Union[bool, str, None] = None, max_length: Optional[int] = None,
+               return_tensors: Optional[str] = None) -> Union[list[int], torch.Tensor, np.ndarray]:
+        """The ids of text; a literal special token in the text is read as that token. With
+        return_tensors ("pt" / "np"), a [1, pos] tensor."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        limit = self._truncate_to(truncation, max_length, padding=False)
+        ids = self._finish(self._ids(text), add_special_tokens, limit)
+        return ids if return_tensors is None else _to_tensor([ids], return_tensors, "input_ids")
+
+    def __call__(self, text: Union[str, Sequence[str]], add_special_tokens: bool = True,
+                 padding: Union[bool, str] = False, truncation: Union[bool, str, None] = None,
+                 max_length: Optional[int] = None, return_tensors: Optional[str] = None,
+                 return_attention_mask: bool = True, padding_side: Optional[str] = None,
+                 ) -> BatchEncoding:
+        """HF's call: {"input_ids", "attention_mask"} of a string (lists) or a batch of strings
+        (lists of lists), padded to the longest (padding=True) or to max_length
+        (padding="max_length") on padding_side, truncated to max_length, as "pt" / "np" tensors
+        where asked (a string then gives [1, pos])."""
+        batched = not isinstance(text, str)
+        texts = list(text) if batched and isinstance(text, (list, tuple)) else [text]
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"text must be a str or a list of str, got {text!r:.80}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding={padding!r} is not one of {PADDINGS}")
+        pad = padding not in (False, "do_not_pad")
+        limit = self._truncate_to(truncation, max_length, padding=pad)
+        seqs = [self._finish(ids, add_special_tokens, limit) for ids in self._ids_batch(texts)]
+        masks = [[1] * len(s) for s in seqs]
+        if pad and seqs:
+            width = max(len(s) for s in seqs)
+            if padding == "max_length":
+                width = max_length if max_length is not None else self.model_max_length
+            side = _side("padding_side", padding_side or self.padding_side)
+            seqs = [_pad(s, self.pad_token_id, width, side) for s in seqs]
+            masks = [_pad(m, 0, width, side) for m in masks]
+        out = BatchEncoding(input_ids=seqs)
+        if return_attention_mask:
+            out["attention_mask"] = masks
+        if return_tensors is not None:
+            return BatchEncoding({k: _to_tensor(v, return_tensors, k) for k, v in out.items()})
+        return out if batched else BatchEncoding({k: v[0] for k, v in out.items()})
+
+    def _truncate_to(self, truncation: Union[bool, str, None], max_length: Optional[int],
+                     padding: bool) -> Optional[int]:
+        """The length to cut to, or None. As in HF, max_length alone truncates unless padding."""
+        if truncation not in TRUNCATIONS and truncation is not None:
+            raise ValueError(f"truncation={truncation!r} is not one of {TRUNCATIONS}")
+        if truncation is None:
+            truncation = max_length is not None and not padding
+        if truncation in (False, "do_not_truncate"):
+            return None
+        limit = self.model_max_length if max_length is None else max_length
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"max_length must be a non-negative int, got {limit!r}")
+        return limit
+
+    def _finish(self, ids: list[int], add_special_tokens: bool, limit: Optional[int]) -> list[int]:
+        first = [self.bos_token_id] if add_special_tokens and self.tokenizer_prepends_bos else []
+        if limit is not None and len(first) + len(ids) > limit:
+            keep = max(limit - len(first), 0)
+            ids = ids[:keep] if self.truncation_side == "right" else ids[len(ids) - keep:]
+        return first + ids
+
+    def decode(self, ids: Union[int, TokensLike], skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: Optional[bool] = None) -> str:
+        """Text of one id or a 1D id sequence, special tokens included unless skipped; a split
+        character becomes U+FFFD. Clean-up applies only to non-BPE tokenizers, as in HF 5."""
+        ids = [_as_int(ids)] if _is_int(ids) else _as_id_list(ids)
+        self._check(ids)
+        text = self._text(ids, skip_special_tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        return _clean_up(text) if clean_up_tokenization_spaces and not self._is_bpe() else text
+
+    def decode_single(self, token_id: Union[int, torch.Tensor]) -> str:
+        return self.decode([_as_int(token_id)])
+
+    def batch_decode(self, sequences: Union[TokensLike, Sequence[Sequence[int]]],
+                     skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: Optional[bool] = None) -> list[str]:
+        """One text per row of a [batch, pos] tensor or list of id lists."""
+        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces)
+                for row in sequences]
+
+    def convert_ids_to_tokens(self, ids: Union[int, TokensLike], skip_special_tokens: bool = False
+                              ) -> Union[str, list[str]]:
+        """The vocab's token strings (byte-level, e.g. "Ġworld"), for one id or several."""
+        if _is_int(ids):
+            i = _as_int(ids)
+            self._check([i])
+            return self._id_to_token(i)
+        ids = _as_id_list(ids)
+        self._check(ids)
+        special = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._id_to_token(i) for i in ids if i not in special]
+
+    def convert_tokens_to_ids(self, tokens: Union[str, Sequence[str]]
+                              ) -> Union[int, None, list[Optional[int]]]:
+        """Ids of vocab token strings; one not in the vocab is unk_token_id (None without one)."""
+        if isinstance(tokens, str):
+            found = self._token_to_id(tokens)
+            return self.unk_token_id if found is None else found
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=add_special_tokens))
+
+    def convert_tokens_to_string(self, tokens: Sequence[str]) -> str:
+        return self.decode(self.convert_tokens_to_ids(list(tokens)))
+
+    _gaps: frozenset = frozenset()
+
+    def _check(self, ids: list[int]) -> None:
+        _check_ids(ids, self.vocab_size, self._gaps)
+
+    def _is_bpe(self) -> bool:
+        return True
+
+
+def _pad(seq: list[int], value: int, width: int, side: str) -> list[int]:
+    fill = [value] * max(width - len(seq), 0)
+    return seq + fill if side == "right" else fill + seq
+
+
+def _to_tensor(rows: list, kind: str, key: str) -> Union[torch.Tensor, np.ndarray]:
+    if kind not in RETURN_TENSORS:
+        raise ValueError(f"return_tensors={kind!r} is not one of {RETURN_TENSORS} (or None)")
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        raise ValueError(f"{key} rows have lengths {lengths}; to return them as one tensor pass "
+                         "padding=True (or truncation=True with max_length)")
+    array = np.asarray(rows, dtype=np.int64).reshape(len(rows), lengths[0] if lengths else 0)
+    return torch.from_numpy(array) if kind == "pt" else array
+
+
+def _clean_up(text: str) -> str:
+    """HF's clean_up_tokenization: no space before punctuation and English contractions."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                 (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+class Tokenizer(HFInterface):
+    """GPT-2 byte-level BPE on a tiktoken Encoding. BOS, EOS, pad and unk are all <|endoftext|>,
     and encode reads a literal "<|endoftext|>" in the text as that token, as HF does. GPT-2's own
     tokenizer adds no BOS (tokenizer_prepends_bos is False); the helpers prepend it."""
 
-    bos_token = eos_token = pad_token = ENDOFTEXT
     tokenizer_prepends_bos = False
 
-    def __init__(self, encoding: tiktoken.Encoding, name: str = "gpt2"):
+    def __init__(self, encoding: tiktoken.Encoding, name: str = "gpt2",
+                 model_max_length: int = VERY_LARGE_INTEGER):
         self.encoding = encoding
         self.name = name
+        self.model_max_length = model_max_length
         if ENDOFTEXT not in encoding.special_tokens_set:
             raise ValueError(f"encoding {encoding.name!r} has no {ENDOFTEXT!r} special token")
-        self.bos_token_id = self.eos_token_id = self.pad_token_id = \
-            encoding.encode_single_token(ENDOFTEXT)
         self.vocab_size: int = encoding.n_vocab
+        self._special_of_id = {encoding.encode_single_token(t): t
+                               for t in encoding.special_tokens_set}
+        self._vocab: Optional[dict[str, int]] = None
+        self._files: Optional[tuple[str, str]] = None  # (vocab, merges) the encoding came from
+        self._init_specials()
+        self.bos_token = self.eos_token = self.pad_token = self.unk_token = ENDOFTEXT
+
+    @classmethod
+    def _from_files(cls, vocab: Path, merges: Path, name: str,
+                    model_max_length: int) -> "Tokenizer":
+        tok = cls(_encoding_from_vocab_merges(str(vocab), str(merges)), name, model_max_length)
+        tok._files = (str(vocab), str(merges))
+        return tok
+
+    def __getstate__(self) -> dict:
+        """Pickled as the paths of its files, not its 50k ranks, when it was read from files
+        (datasets hashes the tokenizer on every map and sends it to each worker)."""
+        state = {**self.__dict__, "_vocab": None}
+        if self._files is not None:
+            state["encoding"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if state["encoding"] is None:
+            state["encoding"] = _encoding_from_vocab_merges(*state["_files"])
+        self.__dict__.update(state)
 
     @classmethod
     def gpt2(cls) -> "Tokenizer":
-        data = gpt2_data_dir()
-        enc = _encoding_from_vocab_merges(str(data / "encoder.json"), str(data / "vocab.bpe"))
-        return cls(enc, "gpt2")
+        data = gpt2_data_dir()  # model_max_length as the hub's gpt2 tokenizer_config
+        return cls._from_files(data / "encoder.json", data / "vocab.bpe", "gpt2", 1024)
 
     @classmethod
     def from_hf_dir(cls, path: Union[str, os.PathLike]) -> "TokenizerLike":
@@ -155,8 +456,8 @@ class Tokenizer:
         if not path.is_dir():
             raise ValueError(f"{path} is not a directory")
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            enc = _encoding_from_vocab_merges(str(path / "vocab.json"), str(path / "merges.txt"))
-            return cls(enc, str(path))
+            return cls._from_files(path / "vocab.json", path / "merges.txt", str(path),
+                                   _model_max_length(path))
         if (path / "tokenizer.json").is_file():
             return HFTokenizer.from_dir(path)
         raise FileNotFoundError(f"{path} has no vocab.json + merges.txt or tokenizer.json")
@@ -164,19 +465,42 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
-    def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def _ids(self, text: str) -> list[int]:
         return self.encoding.encode(text, allowed_special="all")
 
-    def decode(self, ids: TokensLike) -> str:
-        """Text of a 1D id sequence; invalid UTF-8 (a split character) becomes U+FFFD."""
-        ids = _as_id_list(ids)
-        _check_ids(ids, self.vocab_size)
+    def _ids_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.encoding.encode_batch(list(texts), allowed_special="all")
+
+    def _text(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_of_id]
         return self.encoding.decode(ids)
 
-    def decode_single(self, token_id: Union[int, torch.Tensor]) -> str:
-        return self.decode([_as_int(token_id)])
+    def _token_to_id(self, token: str) -> Optional[int]:
+        if token in self.encoding.special_tokens_set:
+            return self.encoding.encode_single_token(token)
+        if not token or any(c not in _BYTE_OF_CHAR for c in token):
+            return None
+        try:
+            return self.encoding.encode_single_token(bytes(_BYTE_OF_CHAR[c] for c in token))
+        except KeyError:
+            return None
+
+    def _id_to_token(self, token_id: int) -> Optional[str]:
+        if token_id in self._special_of_id:
+            return self._special_of_id[token_id]
+        if not 0 <= token_id < self.vocab_size:
+            return None
+        return "".join(_CHAR_OF_BYTE[b] for b in self.encoding.decode_single_token_bytes(token_id))
+
+    def get_vocab(self) -> dict[str, int]:
+        """Token string (GPT-2's byte-level characters, e.g. "Ġworld") -> id, as vocab.json."""
+        if self._vocab is None:
+            self._vocab = {self._id_to_token(i): i for i in range(self.vocab_size)}
+        return dict(self._vocab)
 
 
 def _read_json_object(path: Path) -> dict:
@@ -197,7 +521,7 @@ def _token_content(value: object, source: Path, key: str) -> Optional[str]:
 
 
 def _special_tokens_from_files(folder: Path) -> tuple[dict[str, Optional[str]], Optional[bool]]:
-    """(bos/eos/pad tokens, add_bos_token) from the folder's tokenizer_config.json and
+    """(bos/eos/pad/unk tokens, add_bos_token) from the folder's tokenizer_config.json and
     special_tokens_map.json. A key neither file has is absent; a null is None. As in transformers,
     special_tokens_map.json wins unless tokenizer_config.json has added_tokens_decoder."""
     config_path, map_path = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
@@ -206,12 +530,25 @@ def _special_tokens_from_files(folder: Path) -> tuple[dict[str, Optional[str]], 
     if map_path.is_file() and "added_tokens_decoder" not in config:
         sources.append((map_path, _read_json_object(map_path)))
     tokens = {key: _token_content(data[key], path, key)
-              for path, data in sources for key in SPECIAL_KEYS if key in data}
+              for path, data in sources for key in SPECIAL_KEYS + ("unk_token",) if key in data}
     add_bos = config.get("add_bos_token")
     if add_bos is not None and not isinstance(add_bos, bool):
         raise ValueError(f"{config_path}: add_bos_token is {add_bos!r}; expected true, false "
                          "or null")
     return tokens, add_bos
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    return _read_json_object(path) if path.is_file() else {}
+
+
+def _model_max_length(folder: Path) -> int:
+    """tokenizer_config.json's model_max_length, else HF's default (no limit)."""
+    value = _tokenizer_config(folder).get("model_max_length")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    return VERY_LARGE_INTEGER
 
 
 def _special_ids_from_config_json(folder: Path) -> dict[str, int]:
@@ -248,17 +585,19 @@ def _without_truncation_or_padding(backend: tokenizers.Tokenizer) -> tokenizers.
     return backend
 
 
-class HFTokenizer:
+class HFTokenizer(HFInterface):
     """A tokenizer.json tokenizer (Llama, Mistral, Qwen2/3, GPT-NeoX/Pythia, Phi-3, GPT-2, ...) run
-    by HF's `tokenizers`. encode never adds special tokens (the helpers prepend BOS themselves when
-    prepend_bos=True) and reads a special token written in the text as that token, as HF does.
+    by HF's `tokenizers`. encode adds no special tokens unless asked (the helpers prepend BOS
+    themselves when prepend_bos=True) and reads a special token written in the text as that
+    token, as HF does.
 
     Special tokens, as TransformerLens sets them (setup_tokenizer in its model bridge, formerly
     HookedTransformer.set_tokenizer): bos/eos/pad are read from tokenizer_config.json and
     special_tokens_map.json, and where neither file names one, from config.json's bos_token_id /
     eos_token_id. A missing eos is <|endoftext|>, a missing pad is eos, and a missing bos is eos,
     so a tokenizer without BOS (Qwen) gets its EOS first under prepend_bos=True, as in
-    TransformerLens. Names not in the vocabulary are a ValueError (HF would add new tokens).
+    TransformerLens. Names not in the vocabulary are a ValueError (HF would add new tokens); an
+    unk_token not in it is dropped.
 
     tokenizer_prepends_bos says whether the checkpoint's own tokenizer puts BOS first: the
     tokenizer_config.json add_bos_token flag where given, else whether the tokenizer.json
@@ -269,18 +608,22 @@ class HFTokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer, bos_token: Optional[str] = None,
                  eos_token: Optional[str] = None, pad_token: Optional[str] = None,
-                 add_bos_token: Optional[bool] = None, name: str = "tokenizer.json"):
+                 add_bos_token: Optional[bool] = None, name: str = "tokenizer.json",
+                 unk_token: Optional[str] = None, model_max_length: int = VERY_LARGE_INTEGER,
+                 clean_up_tokenization_spaces: bool = False):
         self.backend = _without_truncation_or_padding(backend)
         self.name = name
+        self.model_max_length = model_max_length
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         assigned = set(self.backend.get_vocab(with_added_tokens=True).values())
         self.vocab_size: int = max(assigned, default=-1) + 1
         self._gaps = frozenset(range(self.vocab_size)) - assigned
+        self._init_specials()
         self.eos_token = eos_token if eos_token is not None else self._default_eos()
         self.pad_token = pad_token if pad_token is not None else self.eos_token
         self.bos_token = bos_token if bos_token is not None else self.eos_token
-        self.eos_token_id = self._id_of("eos_token", self.eos_token)
-        self.pad_token_id = self._id_of("pad_token", self.pad_token)
-        self.bos_token_id = self._id_of("bos_token", self.bos_token)
+        self.unk_token = unk_token if unk_token is not None and \
+            self._token_to_id(unk_token) is not None else None
         self.tokenizer_prepends_bos = bos_token is not None and self._prepends_bos(add_bos_token)
 
     @classmethod
@@ -297,20 +640,19 @@ class HFTokenizer:
         for key, token_id in _special_ids_from_config_json(folder).items():
             if key not in tokens:
                 tokens[key] = _token_of_id(backend, token_id, folder / "config.json", key)
-        return cls(backend, **tokens, add_bos_token=add_bos, name=str(folder))
+        if "unk_token" not in tokens:  # transformers' class defaults: GPT-2, NeoX, Qwen; Llama
+            tokens["unk_token"] = next((t for t in (ENDOFTEXT, "<unk>")
+                                        if backend.token_to_id(t) is not None), None)
+        clean_up = _tokenizer_config(folder).get("clean_up_tokenization_spaces") is True
+        return cls(backend, **tokens, add_bos_token=add_bos, name=str(folder),
+                   model_max_length=_model_max_length(folder),
+                   clean_up_tokenization_spaces=clean_up)
 
     def _default_eos(self) -> str:
         if self.backend.token_to_id(ENDOFTEXT) is None:
             raise ValueError(f"{self.name}: no eos_token is named and the vocab has no "
                              f"{ENDOFTEXT!r} to default to; name one in tokenizer_config.json")
         return ENDOFTEXT
-
-    def _id_of(self, key: str, token: str) -> int:
-        token_id = self.backend.token_to_id(token)
-        if token_id is None:
-            raise ValueError(f"{self.name}: {key} {token!r} is not in the vocab "
-                             f"({self.vocab_size} ids)")
-        return token_id
 
     def _prepends_bos(self, add_bos_token: Optional[bool]) -> bool:
         if add_bos_token is not None:
@@ -322,19 +664,29 @@ class HFTokenizer:
         return (f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
                 f"eos={self.eos_token!r}, pad={self.pad_token!r})")
 
-    def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _ids(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: TokensLike) -> str:
-        """Text of a 1D id sequence, special tokens included; a split character becomes U+FFFD."""
-        ids = _as_id_list(ids)
-        _check_ids(ids, self.vocab_size, self._gaps)
-        return self.backend.decode(ids, skip_special_tokens=False)
+    def _ids_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
-    def decode_single(self, token_id: Union[int, torch.Tensor]) -> str:
-        return self.decode([_as_int(token_id)])
+    def _text(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _token_to_id(self, token: str) -> Optional[int]:
+        return self.backend.token_to_id(token)
+
+    def _id_to_token(self, token_id: int) -> Optional[str]:
+        return self.backend.id_to_token(token_id)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def _is_bpe(self) -> bool:
+        return type(self.backend.model).__name__ == "BPE"
 
 
 def _token_of_id(backend: tokenizers.Tokenizer, token_id: int, source: Path, key: str) -> str:
@@ -367,6 +719,13 @@ def _as_int(x: object) -> int:
     raise TypeError(f"a token id must be an int, got {x!r}")
 
 
+def _is_int(x: object) -> bool:
+    """An int id (a numpy integer or 0D integer tensor too), as opposed to a sequence of ids."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return x.ndim == 0
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _check_ids(ids: list[int], vocab_size: int, gaps: frozenset = frozenset()) -> None:
     bad = [i for i in ids if not 0 <= i < vocab_size or i in gaps]
     if bad:
@@ -388,7 +747,7 @@ def _as_id_list(ids: TokensLike) -> list[int]:
     raise TypeError(f"expected token ids as a list of ints or a tensor, got {type(ids).__name__}")
 
 
-def _tokenize_batch(tok: TokenizerLike, input: Union[str, list[str]], prepend_bos: bool,
+def _tokenize_batch(tok: TokenizerLike, input: Union[str, list[str]], prepend_bos: Optional[bool],
                     truncate: bool, n_ctx: Optional[int]) -> list[list[int]]:
     strings = [input] if isinstance(input, str) else input
     if not isinstance(strings, (list, tuple)) or not strings or \
@@ -396,17 +755,27 @@ def _tokenize_batch(tok: TokenizerLike, input: Union[str, list[str]], prepend_bo
         raise TypeError(f"input must be a str or a non-empty list of str, got {input!r:.80}")
     if truncate and not (isinstance(n_ctx, int) and n_ctx > 0):
         raise ValueError(f"truncate=True needs n_ctx as a positive int, got n_ctx={n_ctx!r}")
-    seqs = [([tok.bos_token_id] if prepend_bos else []) + tok.encode(s) for s in strings]
-    return [s[:n_ctx] for s in seqs] if truncate else seqs
+    first = [tok.bos_token_id] if prepend_bos or prepend_bos is None else []
+    seqs = [first + tok.encode(s) for s in strings]
+    if not truncate:
+        return seqs
+    longest = max(len(s) for s in seqs)
+    if longest > n_ctx:  # TransformerLens truncates silently; lens says so
+        warnings.warn(f"input of {longest} tokens truncated to n_ctx={n_ctx} (to_tokens(..., "
+                      "truncate=False) raises instead)", stacklevel=4)
+    return [s[:n_ctx] for s in seqs]
 
 
-def to_tokens_with_mask(tok: TokenizerLike, input: Union[str, list[str]], prepend_bos: bool = True,
-                        padding_side: str = "right", move_to_device: Device = None,
-                        truncate: bool = False, n_ctx: Optional[int] = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tokens_with_mask(tok: TokenizerLike, input: Union[str, list[str]],
+                        prepend_bos: Optional[bool] = True, padding_side: Optional[str] = None,
+                        move_to_device: Device = None, truncate: bool = False,
+                        n_ctx: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, attention_mask), both int64 [batch, pos]; the mask is 1 at real tokens (BOS
     included) and 0 at padding. It comes from the lengths, since pad may share an id with BOS
-    or EOS."""
+    or EOS. padding_side None is the tokenizer's padding_side ("right" unless set), and
+    prepend_bos None is True, as TransformerLens's defaults."""
+    if padding_side is None:
+        padding_side = getattr(tok, "padding_side", "right")
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side={padding_side!r} is not one of {PADDING_SIDES}")
     if isinstance(move_to_device, bool) and move_to_device:
@@ -424,21 +793,23 @@ def to_tokens_with_mask(tok: TokenizerLike, input: Union[str, list[str]], prepen
     return tokens, mask
 
 
-def to_tokens(tok: TokenizerLike, input: Union[str, list[str]], prepend_bos: bool = True,
-              padding_side: str = "right", move_to_device: Device = None,
+def to_tokens(tok: TokenizerLike, input: Union[str, list[str]], prepend_bos: Optional[bool] = True,
+              padding_side: Optional[str] = None, move_to_device: Device = None,
               truncate: bool = False, n_ctx: Optional[int] = None) -> torch.Tensor:
     """int64 tokens [batch, pos]; a list of strings of different lengths is padded with
-    pad_token_id on padding_side. truncate=True keeps the first n_ctx tokens of each."""
+    pad_token_id on padding_side (None: the tokenizer's padding_side). truncate=True keeps the
+    first n_ctx tokens of each."""
     return to_tokens_with_mask(tok, input, prepend_bos, padding_side, move_to_device,
                                truncate, n_ctx)[0]
 
 
 def to_str_tokens(tok: TokenizerLike, input: Union[str, list[str], TokensLike],
-                  prepend_bos: bool = True) -> Union[list[str], list[list[str]]]:
-    """One string per token. A str is tokenized first (prepend_bos applies only then); a list of
-    str or a [batch>1, pos] tensor gives a list per row; a [1, pos] tensor gives a flat list."""
+                  prepend_bos: Optional[bool] = True) -> Union[list[str], list[list[str]]]:
+    """One string per token. A str is tokenized first (prepend_bos applies only then; None is
+    True); a list of str or a [batch>1, pos] tensor gives a list per row; a [1, pos] tensor gives
+    a flat list."""
     if isinstance(input, str):
-        ids = ([tok.bos_token_id] if prepend_bos else []) + tok.encode(input)
+        ids = ([tok.bos_token_id] if prepend_bos or prepend_bos is None else []) + tok.encode(input)
         return [tok.decode_single(t) for t in ids]
     if isinstance(input, (list, tuple)) and input and all(isinstance(s, str) for s in input):
         return [to_str_tokens(tok, s, prepend_bos) for s in input]
@@ -469,7 +840,7 @@ def to_single_token(tok: TokenizerLike, string: str) -> int:
 
 def get_token_position(tok: TokenizerLike, single_token: Union[str, int, torch.Tensor],
                        input: Union[str, TokensLike], mode: str = "first",
-                       prepend_bos: bool = True) -> int:
+                       prepend_bos: Optional[bool] = True) -> int:
     """Index of the first or last occurrence of single_token in input (a str is tokenized with
     prepend_bos; a tensor may be 1D or [1, pos])."""
     if mode not in POSITION_MODES:

@@ -110,7 +110,7 @@ def detect_head(
     if not isinstance(seq, str):
         raise ValueError(f"seq must be a string or a list of strings, got {type(seq).__name__}")
 
-    tokens = model.to_tokens(seq)
+    tokens = model.to_tokens(seq, truncate=False)
     seq_len = tokens.shape[-1]
     if isinstance(detection_pattern, str):
         detection_pattern = _BUILDERS[detection_pattern](tokens)

@@ -1,0 +1,221 @@
+"""lens.tl against TransformerLens 4.x (TransformerBridge in compatibility mode, processed as
+TransformerLens's HookedTransformer.from_pretrained is) on one random GPT-2 checkpoint the
+tests create: what TransformerLens scripts read and call gives TransformerLens's values."""
+
+import pytest
+import torch
+from test_parity_bridge import word_tokenizer
+
+import lens.tl as tl
+
+TransformerBridge = pytest.importorskip("transformer_lens.model_bridge").TransformerBridge
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(lens.tl model, bridge, tokens) on the same random GPT-2 (norm weights and biases away
+    from 1 and 0), both with TransformerLens's default processing."""
+    folder = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=101)).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if ".ln" in n or n.startswith("transformer.ln_f"):
+                p.copy_(1 + 0.3 * torch.randn_like(p) if n.endswith("weight") else 0.2 * torch.randn_like(p))
+    hf.save_pretrained(folder / "ckpt")
+    bridge = TransformerBridge.boot_transformers(str(folder / "ckpt"), device="cpu", dtype=torch.float32,
+                                                 tokenizer=word_tokenizer(folder / "tok"))
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    model = tl.HookedTransformer.from_pretrained(folder / "ckpt")
+    toks = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    return model, bridge, toks
+
+
+@pytest.fixture(scope="module")
+def caches(pair):
+    model, bridge, toks = pair
+    with torch.no_grad():
+        ours, theirs = model.run_with_cache(toks)[1], bridge.run_with_cache(toks)[1]
+    return ours, theirs
+
+
+def close(a, b, atol=1e-5):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    torch.testing.assert_close(a.detach(), b.detach(), atol=atol, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- layer=-1 is the final stream
+@pytest.mark.parametrize("layer", [None, -1, 1])
+@pytest.mark.parametrize("kwargs", [{}, {"incl_mid": True}, {"apply_ln": True, "pos_slice": -1},
+                                    {"incl_mid": True, "apply_ln": True}])
+def test_accumulated_resid_layers_as_transformer_lens(caches, layer, kwargs):
+    ours, theirs = caches
+    a, la = ours.accumulated_resid(layer=layer, return_labels=True, **kwargs)
+    b, lb = theirs.accumulated_resid(layer=layer, return_labels=True, **kwargs)
+    assert la == lb
+    close(a, b)
+
+
+@pytest.mark.parametrize("layer", [None, -1, 0, 1])
+def test_decompositions_and_stacks_at_the_final_stream(caches, layer):
+    ours, theirs = caches
+    checks = [("decompose_resid", {}), ("decompose_resid", {"mode": "attn"}), ("stack_head_results", {})]
+    if layer != 0:  # at layer 0 TransformerLens fails on neurons, and its head remainder reads
+        # resid_post[-1], the final stream; lens's is the stream entering block 0 (below)
+        checks += [("stack_head_results", {"incl_remainder": True}), ("stack_neuron_results", {}),
+                   ("stack_neuron_results", {"incl_remainder": True})]
+    for fn, kwargs in checks:
+        a, la = getattr(ours, fn)(layer=layer, return_labels=True, **kwargs)
+        b, lb = getattr(theirs, fn)(layer=layer, return_labels=True, **kwargs)
+        assert la == lb, fn
+        close(a, b)
+    # the remainder is what the heads leave of the stream at `layer` (the final one for -1)
+    stack = ours.stack_head_results(layer=layer, incl_remainder=True)
+    final = ours.model.cfg.n_layers if layer in (None, -1) else layer
+    target = ours["resid_post", final - 1] if final == ours.model.cfg.n_layers else ours["resid_pre", final]
+    close(stack.sum(0), target)
+    neurons = ours.stack_neuron_results(layer=layer, incl_remainder=True)
+    close(neurons.sum(0), target)
+
+
+def test_apply_ln_to_stack_at_minus_one_uses_ln_final(caches):
+    ours, theirs = caches
+    stack = ours.decompose_resid(layer=-1)
+    close(ours.apply_ln_to_stack(stack, layer=-1), theirs.apply_ln_to_stack(stack, layer=-1))
+    close(ours.apply_ln_to_stack(stack, layer=-1), ours.apply_ln_to_stack(stack, layer=None))
+    # -2 counts back one more: the stream entering the last block, through its ln1
+    last = ours.model.cfg.n_layers - 1
+    close(ours.accumulated_resid(layer=-2), ours.accumulated_resid(layer=last))
+    with pytest.raises(ValueError, match=r"layer=-4 must be an int in \[-3, 2\]"):
+        ours.accumulated_resid(layer=-4)
+
+
+def test_the_exploratory_analysis_dla_self_check(pair, caches):
+    """TransformerLens's Exploratory Analysis demo checks that the logit-diff of the final
+    stream, through ln_final with the cached scale, equals the model's logit difference."""
+    model, bridge, toks = pair
+    ours, theirs = caches
+    answers = torch.tensor([[3, 7], [11, 5]])
+    results = []
+    for m, cache in ((model, ours), (bridge, theirs)):
+        directions = m.tokens_to_residual_directions(answers)
+        diff_dir = directions[:, 0] - directions[:, 1]
+        final = cache["resid_post", -1][:, -1, :]
+        scaled = cache.apply_ln_to_stack(final, layer=-1, pos_slice=-1)
+        results.append((scaled * diff_dir).sum(-1).mean())
+    close(results[0], results[1])
+    with torch.no_grad():
+        logits = model(toks)[:, -1]
+    want = (logits.gather(1, answers[:, :1]) - logits.gather(1, answers[:, 1:])).mean()
+    b_U = model.b_U  # the folded ln_final bias lives in b_U, which no stream component carries
+    close(results[0] + (b_U[answers[:, 0]] - b_U[answers[:, 1]]).mean(), want, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- what the default cache holds
+def test_the_default_cache_holds_what_transformer_lens_caches(pair, caches):
+    model, _, toks = pair
+    ours, _ = caches
+    leaves = {k.rsplit(".", 1)[-1] for k in ours.keys()}
+    assert not leaves & {"hook_result", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in"}
+    with pytest.raises(KeyError, match=r"set_use_attn_result\(True\)"):
+        ours["result", 0]
+    model.set_use_attn_result(True)
+    model.set_use_split_qkv_input(True)
+    try:
+        assert model.cfg.use_attn_result and model.cfg.use_split_qkv_input
+        with torch.no_grad():
+            full = model.run_with_cache(toks)[1]
+        assert "blocks.0.attn.hook_result" in full and "blocks.1.hook_q_input" in full
+        close(full["result", 1].sum(-2) + model.b_O[1], full["attn_out", 1])
+    finally:
+        model.set_use_attn_result(False)
+        model.set_use_split_qkv_input(False)
+    named = model.run_with_cache(toks, names_filter="blocks.0.attn.hook_result")[1]
+    assert list(named.keys()) == ["blocks.0.attn.hook_result"]
+
+
+# ---------------------------------------------------------------------- model.cfg and model methods
+def test_cfg_answers_transformer_lens_field_names(pair):
+    model, bridge, _ = pair
+    cfg, theirs = model.cfg, bridge.cfg
+    for name in ("positional_embedding_type", "d_vocab_out", "n_key_value_heads",
+                 "default_prepend_bos", "act_fn", "d_head", "n_heads", "d_mlp", "eps", "n_ctx",
+                 "use_attn_result", "use_split_qkv_input", "use_local_attn", "window_size"):
+        assert getattr(cfg, name) == getattr(theirs, name), name
+    assert cfg.normalization_type == "LNPre"  # folded, as HookedTransformer's cfg says
+    assert str(cfg.device) == str(theirs.device) == "cpu"
+    assert cfg.attn_scale == cfg.d_head ** 0.5
+    assert torch.zeros(2, device=cfg.device).device == model.W_E.device
+
+
+def test_hooked_transformer_config_builds_what_transformer_lens_builds():
+    cfg = tl.HookedTransformerConfig(n_layers=2, d_model=64, d_head=16, d_mlp=256, d_vocab=300,
+                                     n_ctx=50, act_fn="relu", normalization_type="LN", seed=3)
+    assert (cfg.n_heads, cfg.d_mlp, cfg.attn_scale, cfg.d_vocab_out) == (4, 256, 4.0, 300)
+    model = tl.HookedTransformer(cfg)
+    assert model.W_pos.shape == (50, 64) and model.cfg.positional_embedding_type == "standard"
+    assert abs(float(model.W_E.detach().std()) - 0.8 / 64 ** 0.5) < 0.01  # TransformerLens's initializer_range
+    again = tl.HookedTransformer(tl.HookedTransformerConfig(
+        n_layers=2, d_model=64, d_head=16, d_mlp=256, d_vocab=300, n_ctx=50, act_fn="relu", seed=3))
+    assert torch.equal(model.W_E, again.W_E)
+    rotary = tl.HookedTransformerConfig(n_layers=1, d_model=32, d_head=8, d_vocab=20, n_ctx=16,
+                                        act_fn="silu", positional_embedding_type="rotary",
+                                        normalization_type="RMS", n_key_value_heads=2, gated_mlp=True)
+    assert rotary.rotary_dim == 8 and rotary.n_kv_heads == 2 and not rotary.positional_embedding
+    assert rotary.n_key_value_heads == 2 and rotary.positional_embedding_type == "rotary"
+
+
+@pytest.mark.parametrize("fields,named", [
+    ({"positional_embedding_type": "alibi"}, "positional_embedding_type='alibi'"),
+    ({"d_vocab_out": 7}, "d_vocab_out=7 differs from d_vocab=20"),
+    ({"final_rms": True}, "final_rms=True"),
+    ({"attention_dir": "bidirectional"}, "attention_dir='bidirectional'"),
+    ({"shortformer": True}, "unknown field shortformer=True"),
+    ({"d_model": 30}, "d_model=30 is not a multiple of d_head=8"),
+])
+def test_hooked_transformer_config_refuses_what_lens_lacks_by_name(fields, named):
+    base = dict(n_layers=1, d_model=32, d_head=8, d_vocab=20, n_ctx=16, act_fn="relu")
+    with pytest.raises(ValueError, match="HookedTransformerConfig") as e:
+        tl.HookedTransformerConfig(**{**base, **fields})
+    assert named in str(e.value)
+
+
+def test_model_helpers_give_transformer_lens_values(pair):
+    model, bridge, toks = pair
+    for tokens in (5, torch.tensor(5), torch.tensor([5, 6]), torch.tensor([[1, 2], [3, 4]])):
+        close(model.tokens_to_residual_directions(tokens), bridge.tokens_to_residual_directions(tokens))
+    with pytest.raises(ValueError, match="outside"):
+        model.tokens_to_residual_directions(1000)
+    resid, tokens, shortformer, mask = model.input_to_embed(toks)
+    theirs = bridge.input_to_embed(toks)
+    close(resid, theirs[0])
+    assert torch.equal(tokens, toks) and shortformer is None and mask is None
+    with torch.no_grad():
+        close(model(resid, start_at_layer=0), model(toks))
+        logits = model(toks)
+    for per_token in (False, True):
+        close(model.loss_fn(logits, toks, per_token=per_token),
+              bridge.loss_fn(logits, toks, per_token=per_token))
+
+
+def test_refactor_factored_attn_matrices_changes_no_output(pair):
+    model, _, toks = pair
+    import copy
+    refactored = copy.deepcopy(model)
+    refactored.refactor_factored_attn_matrices()
+    with torch.no_grad():
+        close(refactored(toks), model(toks), atol=1e-4)
+    close(refactored.W_Q @ refactored.W_K.mT, model.W_Q @ model.W_K.mT, atol=1e-4)
+    W_O = refactored.W_O  # a rotation: orthonormal rows
+    eye = torch.eye(W_O.shape[-2]).expand_as(W_O @ W_O.mT)
+    close(W_O @ W_O.mT, eye, atol=1e-4)
+    assert float(refactored.b_V.abs().max()) == 0.0
+    norms_q, norms_k = refactored.W_Q.norm(dim=-2), refactored.W_K.norm(dim=-2)
+    assert torch.allclose(norms_q ** 2 + refactored.b_Q ** 2, norms_k ** 2 + refactored.b_K ** 2, atol=1e-4)
+    rotary = tl.HookedTransformer(tl.HookedTransformerConfig(
+        n_layers=1, d_model=32, d_head=8, d_vocab=20, n_ctx=16, act_fn="relu",
+        positional_embedding_type="rotary"))
+    with pytest.raises(ValueError, match="rotary positions"):
+        rotary.refactor_factored_attn_matrices()
