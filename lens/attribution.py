@@ -63,7 +63,7 @@ def _final_stream(model, cache: ActivationCache) -> Float[Tensor, "batch pos d_m
         raise ValueError("this needs a cache with its batch axis (run_with_cache without "
                          "remove_batch_dim)")
     resid = cache[sites.name("resid_post", model.cfg.n_layers - 1)]
-    if resid.ndim != 3:
+    if resid.ndim != 3 or getattr(cache, "pos_sliced", False):
         raise ValueError(f"the cached stream has shape {tuple(resid.shape)}; attribution needs "
                          "[batch, pos, d_model] (run_with_cache without pos_slice)")
     return resid

@@ -5,7 +5,7 @@ residual stream as a sum of components, LayerNorm applied to stacks, logit attri
 import re
 from collections.abc import Mapping
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -13,7 +13,14 @@ from torch import Tensor
 
 from lens import io, sites
 
-PosSlice = Union[None, int, slice, Sequence[int], Tensor]
+@runtime_checkable
+class SliceLike(Protocol):
+    """TransformerLens's Slice (and lens.tl.utils.Slice): the index in .slice, its kind in .mode."""
+    slice: Any
+    mode: str
+
+
+PosSlice = Union[None, int, slice, Sequence[int], Tensor, SliceLike]
 
 
 def act_name(name: str, layer: Optional[int] = None, layer_type: Optional[str] = None,
@@ -24,11 +31,18 @@ def act_name(name: str, layer: Optional[int] = None, layer_type: Optional[str] =
 
 
 def pos_index(pos_slice: PosSlice):
-    """An index for one axis: int (drops the axis, as TransformerLens), slice, or list of ints."""
+    """An index for one axis: int (drops the axis, as TransformerLens), slice, list of ints, or
+    a TransformerLens Slice (lens.tl.utils.Slice, or TransformerLens's own)."""
+    if isinstance(pos_slice, SliceLike):
+        pos_slice = pos_slice.slice
     if pos_slice is None:
         return slice(None)
+    if isinstance(pos_slice, bool):
+        raise TypeError(f"a position index cannot be a bool ({pos_slice!r})")
     if isinstance(pos_slice, (int, slice)):
         return pos_slice
+    if isinstance(pos_slice, Tensor) and pos_slice.dtype == torch.bool:
+        raise TypeError("a position index cannot be a boolean mask; give the positions as ints")
     if isinstance(pos_slice, tuple) and len(pos_slice) in (2, 3):
         return slice(*pos_slice)
     return torch.as_tensor(pos_slice, dtype=torch.long)
@@ -52,8 +66,9 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
     expansions (hook_result, hook_q/k/v_input) and hook_mlp_in, as TransformerLens caches by
     default (model.default_cache_names; model.set_use_attn_result(True) & co. add them).
 
-    device: where cached tensors go (GPU → CPU copies are non-blocking; one synchronisation at
-    the end). incl_bwd: call backward on the (scalar) output and cache gradients as
+    pos_slice: the positions kept along each activation's position axis (a bare int keeps a
+    size-1 axis, a Slice of one drops it, as in TransformerLens). device: where cached tensors go (GPU → CPU
+    copies are non-blocking; one synchronisation at the end). incl_bwd: call backward on the (scalar) output and cache gradients as
     "<name>_grad". stop_at_layer="auto": stop after the last block the filter needs (the
     output is then None unless the final LayerNorm or logits are asked for).
     """
@@ -68,6 +83,8 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
     store: dict[str, Tensor] = {}
     dev = torch.device(device) if device is not None else None
     idx = pos_index(pos_slice)
+    if isinstance(pos_slice, int):  # a bare int keeps a size-1 axis, as TransformerLens caches it
+        idx = torch.tensor([idx])  # (a Slice of an int drops the axis, there as here)
     async_copy = [False]
 
     def keep(x: Tensor, name: str) -> Tensor:
@@ -102,7 +119,8 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
             out.backward()
     if async_copy[0]:
         torch.cuda.synchronize()
-    return out, ActivationCache(store, model, has_batch_dim=not remove_batch_dim)
+    return out, ActivationCache(store, model, has_batch_dim=not remove_batch_dim,
+                                pos_sliced=pos_slice is not None)
 
 
 def _last_block_needed(names: list[str], n_layers: int) -> Optional[int]:
@@ -121,10 +139,12 @@ class ActivationCache(Mapping):
     """Cached activations keyed by hook name; also cache["pattern", 0], cache["resid_post", -1],
     cache["z", 2, "attn"], cache["scale"] (the final LayerNorm)."""
 
-    def __init__(self, cache_dict: dict[str, Tensor], model, has_batch_dim: bool = True):
+    def __init__(self, cache_dict: dict[str, Tensor], model, has_batch_dim: bool = True,
+                 pos_sliced: bool = False):
         self.cache_dict = cache_dict
         self.model = model
         self.has_batch_dim = has_batch_dim
+        self.pos_sliced = pos_sliced  # run_with_cache(pos_slice=...) kept only some positions
 
     # ------------------------------------------------------------------ mapping
     def _key(self, key) -> str:
@@ -166,15 +186,37 @@ class ActivationCache(Mapping):
 
     def to(self, device) -> "ActivationCache":
         moved = {k: v.to(device) for k, v in self.cache_dict.items()}
-        return ActivationCache(moved, self.model, self.has_batch_dim)
+        return ActivationCache(moved, self.model, self.has_batch_dim, self.pos_sliced)
 
     def remove_batch_dim(self) -> "ActivationCache":
+        """Drop the batch axis of a batch-1 cache, in place (as TransformerLens); returns self."""
         if not self.has_batch_dim:
             return self
         for k, v in self.cache_dict.items():
             if v.shape[0] != 1:
                 raise ValueError(f"cannot remove the batch dim: {k} has batch size {v.shape[0]}")
-        return ActivationCache({k: v[0] for k, v in self.cache_dict.items()}, self.model, False)
+        for k in list(self.cache_dict):
+            self.cache_dict[k] = self.cache_dict[k][0]
+        self.has_batch_dim = False
+        return self
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "ActivationCache":
+        """A new cache of the rows `batch_slice` selects (an int drops the batch axis)."""
+        if not self.has_batch_dim:
+            raise ValueError("this cache has no batch axis to slice (remove_batch_dim was applied)")
+        idx = pos_index(batch_slice)
+        sliced = {k: _index_dim(v, 0, idx) for k, v in self.cache_dict.items()}
+        return ActivationCache(sliced, self.model, has_batch_dim=not isinstance(idx, int),
+                               pos_sliced=self.pos_sliced)
+
+    @staticmethod
+    def toggle_autodiff(mode: bool = False) -> None:
+        """Switch autograd on or off globally (torch.set_grad_enabled), as TransformerLens's
+        method of this name does; prefer `with torch.no_grad():`."""
+        import warnings
+        warnings.warn(f"toggle_autodiff changes torch's global state: grad enabled = {mode}",
+                      stacklevel=2)
+        torch.set_grad_enabled(mode)
 
     @property
     def nbytes(self) -> int:
@@ -189,7 +231,8 @@ class ActivationCache(Mapping):
 
     def save(self, path) -> None:
         """Save as safetensors (metadata records whether a batch dim is present)."""
-        io.write(self.cache_dict, path, metadata={"has_batch_dim": str(self.has_batch_dim)})
+        io.write(self.cache_dict, path, metadata={"has_batch_dim": str(self.has_batch_dim),
+                                                  "pos_sliced": str(self.pos_sliced)})
 
     @classmethod
     def load(cls, path, model) -> "ActivationCache":
@@ -199,7 +242,8 @@ class ActivationCache(Mapping):
         if unknown:
             raise ValueError(f"{path} holds activations {unknown[:5]} that are not hook points of "
                              "this model; load it with the model it was cached from")
-        return cls(tensors, model, meta.get("has_batch_dim", "True") == "True")
+        return cls(tensors, model, meta.get("has_batch_dim", "True") == "True",
+                   meta.get("pos_sliced", "False") == "True")
 
     # ------------------------------------------------------------------ structure
     def _layer(self, layer: Optional[int]) -> int:
@@ -348,6 +392,99 @@ class ActivationCache(Mapping):
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
+
+    def stack_activation(self, activation_name: str, layer: Optional[int] = -1,
+                         sublayer_type: Optional[str] = None) -> Tensor:
+        """One activation of every block before `layer` (all of them for None, -1 or n_layers),
+        stacked as [layer, ...]."""
+        layer = self._layer(layer)
+        return torch.stack([self[(activation_name, l, sublayer_type)] for l in range(layer)])
+
+    def compute_head_results(self) -> None:
+        """Fill in each block's hook_result (z @ W_O per head, before any post-norm) from the
+        cached hook_z, for caches made without it, as TransformerLens's method does."""
+        for l in range(self.model.cfg.n_layers):
+            name = sites.name("result", l)
+            if name not in self.cache_dict:
+                z = self[sites.name("z", l)]
+                W_O = self.model.blocks[l].attn.W_O.to(z.device, z.dtype)
+                self.cache_dict[name] = torch.einsum("...hd,hdm->...hm", z, W_O).detach()
+
+    def get_neuron_results(self, layer: int, neuron_slice=None, pos_slice: PosSlice = None,
+                           project_output_onto: Optional[Tensor] = None) -> Tensor:
+        """Each neuron's write post · W_out[n] at `layer`, [batch, pos, d_mlp, d_model] (before
+        any post-norm, as TransformerLens), or its projection onto project_output_onto
+        ([d_model] → [batch, pos, d_mlp]; [d_model, k] → [..., d_mlp, k])."""
+        pdim = 1 if self.has_batch_dim else 0
+        post = self._pos(self[sites.name("post", layer)], pos_slice, pdim)
+        W_out = self.model.blocks[layer].mlp.W_out.to(post.device, post.dtype)
+        nidx = pos_index(neuron_slice)
+        if not (isinstance(nidx, slice) and nidx == slice(None)):
+            ids = torch.arange(W_out.shape[0])[nidx].reshape(-1)
+            post, W_out = post[..., ids], W_out[ids]
+        if project_output_onto is None:
+            return post[..., None] * W_out
+        projected = W_out @ project_output_onto.to(W_out.device, W_out.dtype)
+        return post * projected if project_output_onto.ndim == 1 else post[..., None] * projected
+
+    def get_full_resid_decomposition(self, layer: Optional[int] = None, mlp_input: bool = False,
+                                     expand_neurons: bool = True, apply_ln: bool = False,
+                                     pos_slice: PosSlice = None, return_labels: bool = False,
+                                     project_output_onto: Optional[Tensor] = None):
+        """The stream entering `layer` (the final stream for None / -1) as every head's write,
+        every neuron's (or each MLP's, expand_neurons=False), embed, pos_embed and the summed
+        biases ("bias"), as TransformerLens orders and labels them; the rows add up to the
+        stream (under post-norms, with the norms' cached scales frozen)."""
+        layer = self._layer(layer)
+        cfg = self.model.cfg
+        if mlp_input and layer == cfg.n_layers:
+            raise ValueError("mlp_input=True needs a block's MLP: layer must be < n_layers")
+        pdim = 2 if self.has_batch_dim else 1
+        heads, labels = self.stack_head_results(layer + (1 if mlp_input else 0), pos_slice=pos_slice,
+                                                return_labels=True)
+        parts = [heads]
+        if not cfg.attn_only and layer > 0:
+            if expand_neurons:
+                neurons, names = self.stack_neuron_results(layer, pos_slice=pos_slice, return_labels=True)
+            else:
+                neurons, names = self.decompose_resid(layer, pos_slice=pos_slice, incl_embeds=False,
+                                                      mode="mlp", return_labels=True)
+            parts.append(neurons)
+            labels = labels + names
+        parts.append(self._pos(self["hook_embed"], pos_slice, pdim - 1)[None])
+        labels.append("embed")
+        if cfg.positional_embedding:
+            parts.append(self._pos(self["hook_pos_embed"], pos_slice, pdim - 1)[None])
+            labels.append("pos_embed")
+        like = parts[-1][0]
+        bias = like.new_zeros(like.shape)
+        for l in range(layer + (1 if mlp_input else 0)):
+            block = self.model.blocks[l]
+            if block.attn.b_O is not None:
+                bias = bias + self._bias_write(block.attn.b_O, l, "ln1_post", like, pos_slice)
+            if expand_neurons and l < layer and not cfg.attn_only and block.mlp.b_out is not None:
+                bias = bias + self._bias_write(block.mlp.b_out, l, "ln2_post", like, pos_slice)
+        parts.append(bias[None])
+        labels.append("bias")
+        stack = torch.cat(parts)
+        if project_output_onto is not None:
+            stack = stack @ project_output_onto.to(stack.device, stack.dtype)
+        if apply_ln:
+            if project_output_onto is not None:
+                raise ValueError("apply_ln with project_output_onto: apply the norm before projecting "
+                                 "(project the result of apply_ln=True yourself)")
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def _bias_write(self, b: Tensor, layer: int, norm: str, like: Tensor, pos_slice: PosSlice) -> Tensor:
+        """A bias's write to the stream at every (batch, pos) of `like`: itself, or through the
+        block's post-norm with the cached scale frozen."""
+        b = b.to(like.device, like.dtype).expand_as(like)
+        block = self.model.blocks[layer]
+        if not block.post_norms:
+            return b
+        scale = self._pos(self[sites.name("scale", layer, norm)], pos_slice, 1 if self.has_batch_dim else 0)
+        return getattr(block, norm).frozen(b, scale)
 
     def ln_scale(self, layer: Optional[int] = None, mlp_input: bool = False) -> Tensor:
         layer = self._layer(layer)

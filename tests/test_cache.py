@@ -43,9 +43,9 @@ def test_stop_at_layer_auto_stops_early(model, tokens):
 
 def test_pos_slice_and_remove_batch_dim(model, tokens):
     _, full = model.run_with_cache(tokens)
-    _, last = model.run_with_cache(tokens, pos_slice=-1)
-    assert torch.equal(last["resid_post", 0], full["resid_post", 0][:, -1])
-    assert torch.equal(last["pattern", 0], full["pattern", 0][:, :, -1])
+    _, last = model.run_with_cache(tokens, pos_slice=-1)  # an int keeps a size-1 axis, as in TL
+    assert torch.equal(last["resid_post", 0], full["resid_post", 0][:, -1:])
+    assert torch.equal(last["pattern", 0], full["pattern", 0][:, :, -1:])
     _, one = model.run_with_cache(tokens[:1], remove_batch_dim=True)
     assert one["resid_pre", 1].shape == (tokens.shape[1], model.cfg.d_model)
     with pytest.raises(ValueError, match="batch size 1"):

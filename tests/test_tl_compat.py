@@ -219,3 +219,88 @@ def test_refactor_factored_attn_matrices_changes_no_output(pair):
         positional_embedding_type="rotary"))
     with pytest.raises(ValueError, match="rotary positions"):
         rotary.refactor_factored_attn_matrices()
+
+
+# ---------------------------------------------------------------------- ActivationCache methods
+@pytest.mark.parametrize("kwargs", [{}, {"layer": 1}, {"expand_neurons": False}, {"apply_ln": True},
+                                    {"pos_slice": -1}, {"layer": 1, "mlp_input": True},
+                                    {"project_output_onto": "direction"}])
+def test_full_resid_decomposition_as_transformer_lens(caches, kwargs):
+    ours, theirs = caches
+    if kwargs.get("project_output_onto") == "direction":
+        kwargs = {"project_output_onto": torch.randn(64, generator=torch.Generator().manual_seed(0))}
+    a, la = ours.get_full_resid_decomposition(return_labels=True, **kwargs)
+    b, lb = theirs.get_full_resid_decomposition(return_labels=True, **kwargs)
+    assert la == lb
+    close(a, b, atol=1e-4)
+    if not kwargs:  # every row, summed, is the final stream
+        close(a.sum(0), ours["resid_post", -1], atol=1e-4)
+
+
+def test_full_resid_decomposition_adds_up_through_post_norms():
+    from conftest import make_model, make_tokens
+    model = make_model(normalization="RMS", post_norms=True, norm_offset=1.0, attn_out_bias=True)
+    _, cache = model.run_with_cache(make_tokens(model))
+    for layer in (None, 1):
+        stack = cache.get_full_resid_decomposition(layer=layer)
+        target = cache["resid_post", 1] if layer is None else cache["resid_pre", 1]
+        close(stack.sum(0), target, atol=1e-5)
+
+
+def test_stack_activation_neuron_results_and_head_results(pair, caches):
+    model, _, toks = pair
+    ours, theirs = caches
+    for layer in (-1, None, 1):
+        close(ours.stack_activation("pattern", layer=layer), theirs.stack_activation("pattern", layer=layer))
+    close(ours.stack_activation("scale", 2, "ln2"), theirs.stack_activation("scale", 2, "ln2"))
+    Slice, TLSlice = tl.utils.Slice, pytest.importorskip("transformer_lens.utilities.slice").Slice
+    for neurons, pos in (([1, 5], -1), ((0, 10), [2, 4]), (None, None)):
+        close(ours.get_neuron_results(1, neuron_slice=Slice(neurons), pos_slice=Slice(pos)),
+              theirs.get_neuron_results(1, neuron_slice=TLSlice(neurons), pos_slice=TLSlice(pos)))
+        close(ours.get_neuron_results(1, neuron_slice=neurons, pos_slice=pos),
+              theirs.get_neuron_results(1, neuron_slice=neurons, pos_slice=pos))
+    d = torch.randn(64, 3, generator=torch.Generator().manual_seed(2))
+    close(ours.get_neuron_results(0, project_output_onto=d), theirs.get_neuron_results(0, project_output_onto=d))
+    with torch.no_grad():
+        fresh = model.run_with_cache(toks)[1]
+    assert "blocks.1.attn.hook_result" not in fresh
+    fresh.compute_head_results()
+    close(fresh["result", 1], theirs["result", 1])
+    close(ours.stack_head_results(pos_slice=Slice(-1)), theirs.stack_head_results(pos_slice=-1))
+
+
+def test_batch_slicing_removing_the_batch_dim_and_autodiff(pair, caches):
+    model, bridge, toks = pair
+    ours, theirs = caches
+    one = ours.apply_slice_to_batch_dim(1)
+    assert not one.has_batch_dim
+    close(one["resid_post", 1], theirs.apply_slice_to_batch_dim(1)["resid_post", 1])
+    kept = ours.apply_slice_to_batch_dim([1])
+    assert kept.has_batch_dim and kept["resid_post", 1].shape[0] == 1
+    same = kept.remove_batch_dim()
+    assert same is kept and not kept.has_batch_dim and kept["resid_post", 1].shape == (9, 64)
+    with pytest.raises(ValueError, match="batch size 2"):
+        model.run_with_cache(toks)[1].remove_batch_dim()
+    with pytest.warns(UserWarning, match="global state"):
+        ours.toggle_autodiff(False)
+    try:
+        assert not torch.is_grad_enabled()
+    finally:
+        torch.set_grad_enabled(True)
+
+
+@pytest.mark.parametrize("pos_slice", [-1, 3, [2, 5], (1, 4), "slice"])
+def test_run_with_cache_pos_slice_as_transformer_lens(pair, pos_slice):
+    model, bridge, toks = pair
+    theirs_slice = pos_slice
+    if pos_slice == "slice":
+        pos_slice = tl.utils.Slice(-2)
+        theirs_slice = pytest.importorskip("transformer_lens.utilities.slice").Slice(-2)
+    names = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_pattern", "blocks.1.attn.hook_z"]
+    with torch.no_grad():
+        ours = model.run_with_cache(toks, names_filter=names, pos_slice=pos_slice)[1]
+        theirs = bridge.run_with_cache(toks, names_filter=names, pos_slice=theirs_slice)[1]
+    for name in names:
+        close(ours[name], theirs[name])
+    if isinstance(pos_slice, int):  # one position keeps a size-1 axis
+        assert ours["blocks.0.hook_resid_pre"].shape == (2, 1, 64)
