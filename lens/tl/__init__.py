@@ -14,12 +14,13 @@ from lens.factored import FactoredMatrix
 from lens.hooks import HookPoint
 from lens.tl.model import HookedTransformer, HookedTransformerConfig
 
-_SUBMODULES = ("utils", "patching", "head_detector", "evals")
+_SUBMODULES = ("utils", "patching", "head_detector")
+_ALIASES = {"utilities": "utils"}  # TransformerLens 4's name for its utils
 
 
 def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"lens.tl.{name}")
+    if name in _SUBMODULES or name in _ALIASES:
+        return importlib.import_module(f"lens.tl.{_ALIASES.get(name, name)}")
     raise AttributeError(f"module 'lens.tl' has no attribute {name!r}")
 
 
