@@ -304,3 +304,33 @@ def test_run_with_cache_pos_slice_as_transformer_lens(pair, pos_slice):
         close(ours[name], theirs[name])
     if isinstance(pos_slice, int):  # one position keeps a size-1 axis
         assert ours["blocks.0.hook_resid_pre"].shape == (2, 1, 64)
+
+
+# ---------------------------------------------------------------------- loading and tokens
+def test_from_pretrained_takes_transformer_lens_keywords():
+    plain = tl.HookedTransformer.from_pretrained("lens-tiny-attn2l")
+    model = tl.HookedTransformer.from_pretrained("lens-tiny-attn2l", default_prepend_bos=False,
+                                                 default_padding_side="left",
+                                                 refactor_factored_attn_matrices=True)
+    assert isinstance(model, tl.HookedTransformer) and not model.cfg.default_prepend_bos
+    text = ["def f(x):", "import os, sys, re"]
+    assert torch.equal(model.to_tokens(text[0]), plain.to_tokens(text[0])[:, 1:])
+    tokens = model.to_tokens(text)
+    assert tokens[0, 0] == model.tokenizer.pad_token_id and tokens[1, 0] != model.tokenizer.pad_token_id
+    assert "refactor_factored_attn_matrices" in model.cfg.metadata["processing"]
+    ids = plain.to_tokens("import os")
+    with torch.no_grad():  # the same function after refactoring
+        close(model(ids), plain(ids), atol=1e-4)
+        close(plain("import os", prepend_bos=False), plain(ids[:, 1:]))
+    with pytest.raises(ValueError, match="n_devices=2"):
+        tl.HookedTransformer.from_pretrained("lens-tiny-attn2l", n_devices=2)
+
+
+def test_to_tokens_truncates_to_n_ctx_with_a_warning():
+    model = tl.HookedTransformer.from_pretrained("lens-tiny-attn2l")
+    long = "x = 1\n" * model.cfg.n_ctx
+    with pytest.warns(UserWarning, match=f"truncated to n_ctx={model.cfg.n_ctx}"):
+        assert model.to_tokens(long).shape[1] == model.cfg.n_ctx
+    with pytest.raises(ValueError, match="n_ctx"):
+        model(model.to_tokens(long, truncate=False))
+    assert model.to_single_str_token(model.to_single_token(" x")) == " x"
