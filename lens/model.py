@@ -530,6 +530,37 @@ class HookedGPT(Hookable, nn.Module):
             refactor(self)
         return self
 
+    def load_and_process_state_dict(self, state_dict: dict, fold_ln: bool = True,
+                                    center_writing_weights: bool = True, center_unembed: bool = True,
+                                    fold_value_biases: bool = True,
+                                    refactor_factored_attn_matrices: bool = False) -> None:
+        """Load a state dict of this architecture, with TransformerLens's processing applied on
+        the way in. Into a model with norm weights the dict loads as it is and the model is
+        processed in place (its norms become weightless where folded); into a weightless
+        ("LNPre" / "RMSPre") model, a dict with norm weights is processed first, as
+        TransformerLens's method does for a model built with folding in mind."""
+        import dataclasses
+        from lens.processing import applied_steps, process_weights, refactor_factored_attn_matrices as refactor
+        flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                     center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+        weightless = self.cfg.normalization in ("LNPre", "RMSPre")
+        if weightless and any(k.endswith(("ln1.w", "ln_final.w")) for k in state_dict):
+            sd = {k: v.detach().clone() for k, v in state_dict.items()}
+            source = dataclasses.replace(self.cfg, normalization=self.cfg.norm_kind)
+            process_weights(sd, source, **flags, strict=False)
+            if refactor_factored_attn_matrices:
+                refactor(sd, dataclasses.replace(source, normalization=self.cfg.normalization))
+            missing = sorted(set(self.state_dict()) - set(sd))
+            extra = sorted(set(sd) - set(self.state_dict()))
+            if missing or extra:
+                raise ValueError(f"the processed state dict does not fit this model: missing "
+                                 f"{missing[:6]}, unexpected {extra[:6]}")
+            self.load_state_dict(sd)
+            return
+        self.load_state_dict(state_dict)
+        if not applied_steps(self):
+            self.process_weights_(**flags, refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+
     def refactor_factored_attn_matrices(self) -> None:
         """TransformerLens's refactoring of W_Q/W_K and W_V/W_O (lens.processing)."""
         from lens.processing import refactor_factored_attn_matrices

@@ -334,3 +334,38 @@ def test_to_tokens_truncates_to_n_ctx_with_a_warning():
     with pytest.raises(ValueError, match="n_ctx"):
         model(model.to_tokens(long, truncate=False))
     assert model.to_single_str_token(model.to_single_token(" x")) == " x"
+
+
+def test_load_and_process_state_dict_into_a_weightless_model():
+    """The No_Position_Experiment's analysis model: a trained LN model's state dict folded into
+    a model built with normalization_type="LNPre"."""
+    fields = dict(n_layers=2, d_model=32, d_head=16, d_mlp=64, d_vocab=50, n_ctx=12, act_fn="relu")
+    trained = tl.HookedTransformer(tl.HookedTransformerConfig(**fields, seed=1))
+    with torch.no_grad():  # norm weights and biases away from 1 and 0
+        for name, p in trained.named_parameters():
+            if ".ln" in name or name.startswith("ln_final"):
+                p.add_(0.3 * torch.randn_like(p))
+    analysis = tl.HookedTransformer(tl.HookedTransformerConfig(**fields, normalization_type="LNPre",
+                                                               init_weights=False))
+    analysis.load_and_process_state_dict(trained.state_dict(), fold_ln=True,
+                                         center_writing_weights=True, center_unembed=True)
+    toks = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        close(analysis(toks).log_softmax(-1), trained(toks).log_softmax(-1), atol=1e-5)
+        in_place = tl.HookedTransformer(tl.HookedTransformerConfig(**fields, seed=1))
+        in_place.load_state_dict(trained.state_dict())
+        in_place.load_and_process_state_dict(trained.state_dict())
+        close(in_place(toks), analysis(toks))
+    assert in_place.cfg.normalization == "LNPre"
+    with pytest.raises(ValueError, match="does not fit this model"):
+        analysis.load_and_process_state_dict({k: v for k, v in trained.state_dict().items()
+                                              if "W_pos" not in k})
+
+
+def test_initialisation_is_transformer_lens_gpt2_init():
+    cfg = tl.HookedTransformerConfig(n_layers=4, d_model=64, d_head=16, d_mlp=256, d_vocab=500,
+                                     n_ctx=64, act_fn="gelu", initializer_range=0.05, seed=0)
+    model = tl.HookedTransformer(cfg)
+    for W in (model.W_E, model.W_O, model.W_out, model.W_U):  # W_O and W_out not rescaled
+        assert abs(float(W.detach().std()) - 0.05) < 0.003
+    assert float(model.b_in.detach().abs().max()) == 0 and float(model.blocks[0].ln1.w.detach().min()) == 1

@@ -124,8 +124,8 @@ def _local_attention(runtime: dict, n_layers: int, problems: list) -> tuple:
 
 class HookedTransformer(HookedGPT):
     """HookedGPT under TransformerLens's name: built from a config (a HookedTransformerConfig
-    goes to its device, with TransformerLens's initialisation: normal(0, initializer_range),
-    0.8 / √d_model by default), or loaded with TransformerLens's keywords."""
+    goes to its device, with TransformerLens's initialisation: every matrix normal(0,
+    initializer_range), 0.8 / √d_model by default), or loaded with TransformerLens's keywords."""
 
     def __init__(self, cfg, tokenizer=None, move_to_device: bool = True, default_padding_side=None):
         if isinstance(cfg, dict):
@@ -137,8 +137,8 @@ class HookedTransformer(HookedGPT):
         super().__init__(cfg, tokenizer=tokenizer, init=False)
         if tl.get("init_weights", True):
             std = tl.get("initializer_range", -1.0)
-            self.init_weights(std=0.8 / math.sqrt(cfg.d_model) if std is None or std < 0 else std,
-                              seed=tl.get("seed"))
+            self._init_like_transformer_lens(0.8 / math.sqrt(cfg.d_model) if std is None or std < 0
+                                             else std, tl.get("seed"))
         for flag in ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in"):
             if tl.get(flag):
                 getattr(self, "set_" + flag)(True)
@@ -149,6 +149,21 @@ class HookedTransformer(HookedGPT):
             self.default_padding_side = tl["default_padding_side"]
         if move_to_device:  # TransformerLens's default device: a GPU when there is one
             self.to(tl.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @torch.no_grad()
+    def _init_like_transformer_lens(self, std: float, seed: Optional[int]) -> None:
+        """TransformerLens's "gpt2" initialisation: every weight matrix normal(0, std), biases
+        zero, norm weights one (seed: torch.manual_seed(seed) first, as TransformerLens)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf.startswith("W_"):
+                p.normal_(0.0, std)
+            elif leaf == "w":
+                p.fill_(1.0)
+            else:
+                p.zero_()
 
     @classmethod
     def from_pretrained(cls, model_name, fold_ln: bool = True, center_writing_weights: bool = True,
