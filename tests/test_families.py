@@ -641,3 +641,8 @@ def test_lens_check_passes_where_norms_follow_the_sublayers(tmp_path_factory, na
     report = lens.check(from_pretrained(folder), folder)
     assert report.ok, str(report)
     assert report.log_prob_diff is not None and report.log_prob_diff < 1e-4
+
+
+def test_a_multimodal_gemma3_checkpoint_is_refused_with_what_loads():
+    with pytest.raises(ValueError, match="multimodal Gemma-3 checkpoint.*gemma3_text"):
+        config_from_hf({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}})

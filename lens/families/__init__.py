@@ -14,8 +14,10 @@ def family(hf: dict) -> Family:
     """The family of an HF config dict (config.json), by its model_type."""
     kind = hf.get("model_type")
     if kind not in FAMILIES:
+        hint = {"gemma3": "; this is a multimodal Gemma-3 checkpoint (text and vision): lens loads "
+                          "Gemma-3's text models (model_type gemma3_text, e.g. gemma-3-1b, gemma-3-270m)"}
         raise ValueError(f"model_type={kind!r} is not supported; lens loads {sorted(FAMILIES)} "
-                         f"({', '.join(f.examples for f in FAMILIES.values())})")
+                         f"({', '.join(f.examples for f in FAMILIES.values())}){hint.get(kind, '')}")
     return FAMILIES[kind]
 
 
