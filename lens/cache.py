@@ -60,7 +60,8 @@ def _index_dim(t: Tensor, dim: int, idx) -> Tensor:
 
 def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool = False,
                    remove_batch_dim: bool = False, pos_slice: PosSlice = None,
-                   stop_at_layer=None, **kwargs):
+                   stop_at_layer=None, reset_hooks_end: bool = True, clear_contexts: bool = False,
+                   return_cache_object: bool = True, **kwargs):
     """Run the model and return (output, ActivationCache) of the hook points `names_filter`
     selects (a name, a list, a predicate). With none, every hook point but the per-head
     expansions (hook_result, hook_q/k/v_input) and hook_mlp_in, as TransformerLens caches by
@@ -71,6 +72,8 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
     copies are non-blocking; one synchronisation at the end). incl_bwd: call backward on the (scalar) output and cache gradients as
     "<name>_grad". stop_at_layer="auto": stop after the last block the filter needs (the
     output is then None unless the final LayerNorm or logits are asked for).
+    reset_hooks_end / clear_contexts: as in model.hooks (TransformerLens's keywords);
+    return_cache_object=False returns a plain dict of the tensors instead of the cache.
     """
     if names_filter is None and hasattr(model, "default_cache_names"):
         names = model.default_cache_names()
@@ -105,7 +108,8 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
         store[hook.name + "_grad"] = keep(g, hook.name)
 
     bwd = [(names, save_grad)] if incl_bwd else []
-    with model.hooks(fwd_hooks=[(names, save)], bwd_hooks=bwd):
+    with model.hooks(fwd_hooks=[(names, save)], bwd_hooks=bwd, reset_hooks_end=reset_hooks_end,
+                     clear_contexts=clear_contexts):
         if auto and stop_at_layer is not None:
             model(*args, stop_at_layer=stop_at_layer, **kwargs)
             out = None
@@ -119,6 +123,8 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
             out.backward()
     if async_copy[0]:
         torch.cuda.synchronize()
+    if not return_cache_object:
+        return out, store
     return out, ActivationCache(store, model, has_batch_dim=not remove_batch_dim,
                                 pos_sliced=pos_slice is not None)
 

@@ -1,13 +1,15 @@
 """Hook points: the named places where the forward pass reads from or writes to the residual
 stream. A hook point that nobody hooks costs one truthiness check; a hooked one runs its
-functions in order, checks what they return, and can watch the gradient flowing back."""
+functions in order, checks what they return, and can watch the gradient flowing back. The API
+is TransformerLens's (permanent hooks, context levels, prepend, ctx), on lens models and on any
+nn.Module built from HookPoints (HookedRootModule)."""
 
 import contextvars
 import difflib
 import re
 from contextlib import contextmanager
 from collections.abc import Callable, Iterable
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,33 +17,94 @@ from torch import Tensor, nn
 HookFn = Callable[..., Optional[Tensor]]
 NamesFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
+_DIRS = ("fwd", "bwd")
 # The absolute positions of the forward pass running in this thread (or task): set for the
 # length of a call by the model, so a forward run inside a hook, or in another thread, keeps
 # its own.
 POSITIONS: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar("positions", default=None)
 
 
+def _check_dir(dir: str, both: bool = False) -> None:
+    valid = _DIRS + (("both",) if both else ())
+    if dir not in valid:
+        raise ValueError(f"dir={dir!r}; valid values are {', '.join(map(repr, valid))}")
+
+
+class HookHandle:
+    """One hook function on one hook point, as added: its direction, whether it is permanent,
+    and the hooks() context level that added it (None: added outside any context).
+    ``remove()`` takes this entry off, and only it (a second call does nothing), even when the
+    same function was added again elsewhere. TransformerLens calls it LensHandle; its
+    ``handle.hook.remove()`` and ``handle.user_hook`` work here too."""
+
+    __slots__ = ("fn", "hook_point", "dir", "is_permanent", "context_level")
+
+    def __init__(self, hook_point: "HookPoint", fn: HookFn, dir: str = "fwd",
+                 is_permanent: bool = False, context_level: Optional[int] = None):
+        self.fn, self.hook_point, self.dir = fn, hook_point, dir
+        self.is_permanent, self.context_level = bool(is_permanent), context_level
+
+    @property
+    def user_hook(self) -> HookFn:
+        return self.fn
+
+    @property
+    def hook(self) -> "HookHandle":
+        """TransformerLens's handle.hook (its torch handle): this handle, for .remove()."""
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether the entry is still on its hook point."""
+        return any(h is self for h in self.hook_point._hooks(self.dir))
+
+    def remove(self) -> None:
+        hooks = self.hook_point._hooks(self.dir)
+        for i, h in enumerate(hooks):
+            if h is self:
+                del hooks[i]
+                return
+
+    def matches(self, including_permanent: bool, level: Optional[int]) -> bool:
+        """In scope of a remove_hooks / has_hooks call (TransformerLens's rule)."""
+        if self.is_permanent and not including_permanent:
+            return False
+        return level is None or self.context_level == level
+
+    def __repr__(self) -> str:
+        bits = [self.dir] + (["permanent"] if self.is_permanent else []) + (
+            [f"level={self.context_level}"] if self.context_level is not None else [])
+        return f"HookHandle({self.hook_point.name!r}, {getattr(self.fn, '__name__', self.fn)!r}, {', '.join(bits)})"
+
+
+LensHandle = HookHandle
+
+
 class HookPoint(nn.Module):
     """An identity on the forward pass that hook functions can read or replace.
 
     A hook function is ``fn(activation, hook) -> Tensor | None``: returning a tensor replaces
-    the activation (it must keep the shape), returning None keeps it. ``hook.name`` is the hook
-    point's module path, ``hook.layer()`` its block, ``hook.positions`` the absolute positions
-    that the activation's pos axis covers in the current forward pass.
+    the activation (it must keep the shape), returning None keeps it; a backward hook gets the
+    gradient and may return it as a 1-tuple ``(grad,)`` too. ``hook.name`` is the hook point's
+    module path, ``hook.layer()`` its block, ``hook.ctx`` a dict hook functions may keep state
+    in (cleared by reset_hooks), ``hook.positions`` the absolute positions that the
+    activation's pos axis covers in the current forward pass. ``fwd_hooks`` / ``bwd_hooks`` are
+    the HookHandles, in the order they run.
     """
 
     def __init__(self):
         super().__init__()
         self.name: str = ""
-        self.fwd_hooks: list[HookFn] = []
-        self.bwd_hooks: list[HookFn] = []
+        self.fwd_hooks: list[HookHandle] = []
+        self.bwd_hooks: list[HookHandle] = []
+        self.ctx: dict = {}
 
     @property
     def active(self) -> bool:
         return bool(self.fwd_hooks) or bool(self.bwd_hooks)
 
     def layer(self) -> Optional[int]:
-        m = _LAYER.match(self.name)
+        m = _LAYER.match(self.name or "")
         return int(m.group(1)) if m else None
 
     @property
@@ -49,14 +112,52 @@ class HookPoint(nn.Module):
         """[batch, pos] absolute positions of the activation's pos axis in the running call."""
         return POSITIONS.get()
 
+    def _hooks(self, dir: str) -> list[HookHandle]:
+        return self.fwd_hooks if dir == "fwd" else self.bwd_hooks
+
+    # ------------------------------------------------------------------ TransformerLens's API
+    def add_hook(self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False,
+                 level: Optional[int] = None, prepend: bool = False) -> HookHandle:
+        """Add `hook` (last, or first with prepend=True); it stays until removed."""
+        _check_dir(dir)
+        if not callable(hook):
+            raise TypeError(f"hook function for {self.name!r} is not callable: {hook!r}")
+        handle = HookHandle(self, hook, dir, is_permanent, level)
+        hooks = self._hooks(dir)
+        hooks.insert(0, handle) if prepend else hooks.append(handle)
+        return handle
+
+    def add_perma_hook(self, hook: HookFn, dir: str = "fwd") -> HookHandle:
+        return self.add_hook(hook, dir=dir, is_permanent=True)
+
+    def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False,
+                     level: Optional[int] = None) -> None:
+        """Remove the hooks of `dir` ("fwd", "bwd" or "both"), permanent ones only when asked,
+        and only those added at context `level` when it is given."""
+        _check_dir(dir, both=True)
+        for d in _DIRS if dir == "both" else (dir,):
+            hooks = self._hooks(d)
+            hooks[:] = [h for h in hooks if not h.matches(including_permanent, level)]
+
+    def has_hooks(self, dir: str = "both", including_permanent: bool = True,
+                  level: Optional[int] = None) -> bool:
+        _check_dir(dir, both=True)
+        return any(h.matches(including_permanent, level)
+                   for d in (_DIRS if dir == "both" else (dir,)) for h in self._hooks(d))
+
+    def clear_context(self) -> None:
+        self.ctx = {}
+
+    # ------------------------------------------------------------------ running
     def run(self, x: Tensor) -> Tensor:
-        for fn in self.fwd_hooks:
-            out = fn(x, hook=self)
-            if out is not None:
-                x = _checked(out, x, self.name, "forward hook")
+        if self.fwd_hooks:
+            for h in tuple(self.fwd_hooks):  # a hook may remove itself
+                out = h.fn(x, hook=self)
+                if out is not None:
+                    x = _checked(out, x, self.name, "forward hook")
         if self.bwd_hooks and x.requires_grad:
-            for fn in self.bwd_hooks:
-                x.register_hook(_GradHook(fn, self))
+            for h in tuple(self.bwd_hooks):
+                x.register_hook(_GradHook(h.fn, self))
         return x
 
     def forward(self, x: Tensor) -> Tensor:
@@ -74,6 +175,8 @@ class _GradHook:
 
     def __call__(self, grad: Tensor) -> Optional[Tensor]:
         out = self.fn(grad, hook=self.hook)
+        if isinstance(out, tuple) and len(out) == 1:  # (grad,), as torch's module hooks return it
+            out = out[0]
         return None if out is None else _checked(out, grad, self.hook.name, "backward hook")
 
 
@@ -87,23 +190,12 @@ def _checked(out, x: Tensor, name: str, what: str) -> Tensor:
     return out
 
 
-class HookHandle:
-    """Removes one hook function from one hook point (idempotent)."""
-
-    def __init__(self, hooks: list, fn: HookFn):
-        self._hooks, self._fn = hooks, fn
-
-    def remove(self) -> None:
-        for i, f in enumerate(self._hooks):
-            if f is self._fn:
-                del self._hooks[i]
-                return
-
-
 class Hookable:
     """The hooks API, mixed into a module that owns HookPoints (named by their module path)."""
 
     hook_dict: dict[str, HookPoint]
+    context_level: int = 0  # how many hooks() contexts are open (TransformerLens's counter)
+    is_caching: bool = False
 
     def setup_hooks(self) -> None:
         self.hook_dict = {}
@@ -111,7 +203,14 @@ class Hookable:
             if isinstance(module, HookPoint):
                 module.name = name
                 self.hook_dict[name] = module
-        self._handles: list[HookHandle] = []
+
+    @property
+    def mod_dict(self) -> dict[str, nn.Module]:
+        """Every named submodule by its path (the hook points included), as TransformerLens."""
+        return {name: m for name, m in self.named_modules() if name}
+
+    def hook_points(self):
+        return self.hook_dict.values()
 
     @property
     def hook_names(self) -> list[str]:
@@ -139,65 +238,193 @@ class Hookable:
     def _hook_point(self, name: str) -> HookPoint:
         if not isinstance(name, str):
             raise TypeError(f"hook names are strings, got {type(name).__name__}: {name!r}")
+        hook_dict = getattr(self, "hook_dict", None) or {}
         try:
-            return self.hook_dict[name]
+            return hook_dict[name]
         except KeyError:
+            if not hook_dict:
+                raise KeyError(f"unknown hook point {name!r}: this module has no named hook points; "
+                               "call self.setup() at the end of __init__, after its HookPoints "
+                               "are defined") from None
             why = self.why_absent(name)
             if why:
                 raise KeyError(f"{name!r} is not a hook point of this model: {why}") from None
-            near = difflib.get_close_matches(name, self.hook_dict, n=3, cutoff=0.5)
+            near = difflib.get_close_matches(name, hook_dict, n=3, cutoff=0.5)
             hint = f"; did you mean {near}?" if near else f"; valid names include {self.hook_names[:6]}"
             raise KeyError(f"unknown hook point {name!r}{hint} (model.hook_names lists all "
-                           f"{len(self.hook_dict)})") from None
+                           f"{len(hook_dict)})") from None
 
     def why_absent(self, name: str) -> Optional[str]:
         """Why a hook point that other architectures have does not exist here (None if unknown)."""
         return None
 
-    def add_hook(self, name: NamesFilter, fn: HookFn, dir: str = "fwd",
-                 prepend: bool = False) -> list[HookHandle]:
-        """Add `fn` to every hook point `name` selects; it stays until removed or reset_hooks()."""
-        if dir not in ("fwd", "bwd"):
-            raise ValueError(f"dir={dir!r}; valid values are 'fwd' and 'bwd'")
-        if not callable(fn):
-            raise TypeError(f"hook function for {name!r} is not callable: {fn!r}")
-        handles = []
-        for n in self.hook_names_matching(name):
-            hp = self.hook_dict[n]
-            hooks = hp.fwd_hooks if dir == "fwd" else hp.bwd_hooks
-            hooks.insert(0, fn) if prepend else hooks.append(fn)
-            handles.append(HookHandle(hooks, fn))
-        self._handles.extend(handles)
-        return handles
+    def check_hooks_to_add(self, hook_point: HookPoint, hook_point_name: str, hook: HookFn,
+                           dir: str = "fwd", is_permanent: bool = False, prepend: bool = False) -> None:
+        """Override to refuse some hooks (TransformerLens's extension point); accepts all."""
 
-    def reset_hooks(self) -> None:
-        """Remove every hook function from every hook point."""
+    # ------------------------------------------------------------------ adding and removing
+    def add_hook(self, name: NamesFilter, hook: HookFn, dir: str = "fwd", is_permanent: bool = False,
+                 level: Optional[int] = None, prepend: bool = False) -> list[HookHandle]:
+        """Add `hook` to every hook point `name` selects (a name, a list, a predicate); it stays
+        until removed: by its handles, by reset_hooks() unless permanent, or by
+        reset_hooks(including_permanent=True)."""
+        _check_dir(dir)
+        if not callable(hook):
+            raise TypeError(f"hook function for {name!r} is not callable: {hook!r}")
+        names = self.hook_names_matching(name)
+        for n in names:
+            self.check_hooks_to_add(self.hook_dict[n], n, hook, dir=dir, is_permanent=is_permanent,
+                                    prepend=prepend)
+        return [self.hook_dict[n].add_hook(hook, dir, is_permanent, level, prepend) for n in names]
+
+    def add_perma_hook(self, name: NamesFilter, hook: HookFn, dir: str = "fwd") -> list[HookHandle]:
+        """A hook that reset_hooks() and the end of hooks() contexts leave in place."""
+        return self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def remove_all_hook_fns(self, direction: str = "both", including_permanent: bool = False,
+                            level: Optional[int] = None) -> None:
         for hp in self.hook_dict.values():
-            hp.fwd_hooks.clear()
-            hp.bwd_hooks.clear()
-        self._handles.clear()
+            hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
 
+    def clear_contexts(self) -> None:
+        for hp in self.hook_dict.values():
+            hp.clear_context()
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both",
+                    including_permanent: bool = False, level: Optional[int] = None) -> None:
+        """Remove hook functions (all but the permanent ones, by default) and clear every
+        hook point's ctx, as TransformerLens's reset_hooks."""
+        if clear_contexts:
+            self.clear_contexts()
+        self.remove_all_hook_fns(direction, including_permanent, level=level)
+        self.is_caching = False
+
+    def list_hooks(self, name_filter: NamesFilter = None, dir: str = "both",
+                   including_permanent: bool = True) -> dict[str, list[HookHandle]]:
+        """The handles on each hook point that has any, by name."""
+        _check_dir(dir, both=True)
+        names = self.hook_names if name_filter is None else self.hook_names_matching(name_filter)
+        out = {}
+        for n in names:
+            hp = self.hook_dict[n]
+            handles = [h for d in (_DIRS if dir == "both" else (dir,)) for h in hp._hooks(d)
+                       if h.matches(including_permanent, None)]
+            if handles:
+                out[n] = handles
+        return out
+
+    # ------------------------------------------------------------------ for one block or call
     @contextmanager
-    def hooks(self, fwd_hooks=(), bwd_hooks=()):
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
+              clear_contexts: bool = False):
         """Hooks that live for the `with` block, removed on exit, also on errors and Ctrl-C.
 
         Each entry is (name or list of names or predicate, fn). Backward hooks attach to the
         tensors of forward passes run inside the block, so a later .backward() on them still
-        reaches the hook functions.
+        reaches the hook functions. The exit removes exactly the hooks this block added (not
+        another block's copy of the same function, not a permanent hook); reset_hooks_end=False
+        leaves them on (they carry this block's context level); clear_contexts=True also clears
+        every hook point's ctx on exit.
         """
+        self.context_level += 1
+        level = self.context_level
         handles: list[HookHandle] = []
         try:
-            for name, fn in fwd_hooks:
-                handles += self.add_hook(name, fn, "fwd")
-            for name, fn in bwd_hooks:
-                handles += self.add_hook(name, fn, "bwd")
+            for d, entries in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                for name, fn in entries:
+                    handles += self.add_hook(name, fn, d, level=level)
             yield self
         finally:
-            for h in handles:
-                h.remove()
-            self._handles = [h for h in self._handles if h not in handles]
+            self.context_level = level - 1
+            if reset_hooks_end:
+                for h in handles:
+                    h.remove()
+                if clear_contexts:
+                    self.clear_contexts()
 
-    def run_with_hooks(self, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
-        """Run forward with hooks added for this call only."""
-        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+    def run_with_hooks(self, *args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, **kwargs):
+        """Run forward with hooks added for this call only (reset_hooks_end=False keeps them)."""
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self(*args, **kwargs)
+
+    # ------------------------------------------------------------------ caching, TL's plain form
+    def get_caching_hooks(self, names_filter: NamesFilter = None, incl_bwd: bool = False,
+                          device=None, remove_batch_dim: bool = False, cache: Optional[dict] = None,
+                          pos_slice=None) -> tuple[dict, list, list]:
+        """(cache, fwd_hooks, bwd_hooks): hooks that store each activation (detached, on
+        `device`) in the dict `cache` under its name (gradients under name + "_grad"), as
+        TransformerLens's; pos_slice indexes the pos axis (-3 for q/k/v/z/result, else -2): an
+        int keeps it (length 1), a Slice of an int drops it, as there."""
+        from lens.cache import pos_index
+        cache = {} if cache is None else cache
+        names = self.hook_names_matching(names_filter)
+        if isinstance(pos_slice, int) and not isinstance(pos_slice, bool):
+            pos_slice = [pos_slice]  # a plain int keeps the axis here, as TransformerLens's
+        index = pos_index(pos_slice)
+        self.is_caching = True
+
+        def save(x: Tensor, hook: HookPoint, grad: bool = False) -> None:
+            x = x.detach()
+            x = x if device is None else x.to(device)
+            if remove_batch_dim and x.shape[0] == 1:
+                x = x[0]
+            pos = -3 if hook.name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")) else -2
+            if not (isinstance(index, slice) and index == slice(None)) and x.ndim >= -pos:
+                idx = index.to(x.device) if isinstance(index, Tensor) else index
+                x = x[(Ellipsis, idx) + (slice(None),) * (-pos - 1)]
+            cache[hook.name + ("_grad" if grad else "")] = x
+
+        fwd = [(n, save) for n in names]
+        bwd = [(n, lambda g, hook: save(g, hook, True)) for n in names] if incl_bwd else []
+        return cache, fwd, bwd
+
+
+class HookedRootModule(Hookable, nn.Module):
+    """A user-built nn.Module with HookPoints, as TransformerLens's HookedRootModule: define the
+    layers and HookPoints in __init__, call ``self.setup()`` last, and run_with_hooks,
+    run_with_cache (a plain dict of activations), hooks(), add_hook, hook_dict and mod_dict
+    work on it. A HookPoint runs when it is called: ``x = self.hook_x(x)``."""
+
+    def __init__(self, *args: Any):
+        super().__init__()
+        self.hook_dict = {}
+
+    def setup(self) -> None:
+        """Name every submodule by its path (``module.name``) and collect the hook points."""
+        for name, module in self.named_modules():
+            if name:
+                module.name = name
+        self.setup_hooks()
+
+    def run_with_cache(self, *model_args, names_filter: NamesFilter = None, device=None,
+                       remove_batch_dim: bool = False, incl_bwd: bool = False,
+                       reset_hooks_end: bool = True, clear_contexts: bool = False, pos_slice=None,
+                       **model_kwargs) -> tuple[Any, dict[str, Tensor]]:
+        """(output, cache): the forward's output and a dict from hook name to activation (every
+        hook point when names_filter is None); incl_bwd=True calls backward on the (scalar)
+        output and stores gradients as "<name>_grad"."""
+        if remove_batch_dim and model_args and isinstance(model_args[0], Tensor) \
+                and model_args[0].ndim and model_args[0].shape[0] != 1:
+            raise ValueError(f"remove_batch_dim=True needs batch size 1, got {model_args[0].shape[0]}")
+        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim,
+                                                 pos_slice=pos_slice)
+        with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                if not isinstance(out, Tensor) or out.numel() != 1:
+                    raise ValueError("incl_bwd=True calls backward on the output, which must be a "
+                                     f"scalar; got {type(out).__name__}"
+                                     f"{tuple(out.shape) if isinstance(out, Tensor) else ''}")
+                out.backward()
+        return out, cache
+
+    def add_caching_hooks(self, names_filter: NamesFilter = None, incl_bwd: bool = False,
+                          device=None, remove_batch_dim: bool = False,
+                          cache: Optional[dict] = None) -> dict:
+        """Add caching hooks that stay (until reset_hooks()); returns the dict they fill."""
+        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache)
+        for d, entries in (("fwd", fwd), ("bwd", bwd)):
+            for name, fn in entries:
+                self.add_hook(name, fn, d)
+        return cache

@@ -11,10 +11,15 @@ import importlib
 
 from lens.cache import ActivationCache
 from lens.factored import FactoredMatrix
-from lens.hooks import HookPoint
+from lens.hooks import HookedRootModule, HookPoint, LensHandle
 from lens.tl.model import HookedTransformer, HookedTransformerConfig
+from lens.tl.past_key_value_caching import (HookedTransformerKeyValueCache,
+                                            HookedTransformerKeyValueCacheEntry)
 
-_SUBMODULES = ("utils", "patching", "head_detector")
+# TransformerLens 4's names for the cache
+TransformerLensKeyValueCache = HookedTransformerKeyValueCache
+TransformerLensKeyValueCacheEntry = HookedTransformerKeyValueCacheEntry
+_SUBMODULES = ("utils", "patching", "head_detector", "hook_points", "past_key_value_caching")
 _ALIASES = {"utilities": "utils"}  # TransformerLens 4's name for its utils
 
 
@@ -24,5 +29,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lens.tl' has no attribute {name!r}")
 
 
-__all__ = ["ActivationCache", "FactoredMatrix", "HookPoint", "HookedTransformer",
-           "HookedTransformerConfig", *_SUBMODULES]
+__all__ = ["ActivationCache", "FactoredMatrix", "HookPoint", "HookedRootModule", "HookedTransformer",
+           "HookedTransformerConfig", "HookedTransformerKeyValueCache",
+           "HookedTransformerKeyValueCacheEntry", "LensHandle", "TransformerLensKeyValueCache",
+           "TransformerLensKeyValueCacheEntry", *_SUBMODULES]
