@@ -4,12 +4,14 @@ Weights right-multiply (``x @ W``) and carry the paper's per-head shapes: ``W_Q[
 d_model, d_head]``, ``W_K[n_kv_heads, d_model, d_head]``, ``W_O[n_heads, d_head, d_model]``,
 ``W_in[d_model, d_mlp]``. In memory each matrix is [out, in], as torch.nn.Linear keeps it, so
 the fused path reads it without a copy. Parts a spec does not ask for are not built; expensive
-hook points are computed only when someone hooks them. Per-call facts (positions, masks,
-rotary angles) arrive in a `Run`, never through state on the model."""
+hook points are computed only when someone hooks them, and hooks that only read change no bit
+of the forward pass. Per-call facts (positions, masks, rotary angles) arrive in a `Run`, never
+through state on the model."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import einops
 import torch
@@ -93,6 +95,38 @@ class Run:
         return self._masks[key]
 
 
+# ---------------------------------------------------------------------- the fast path's bits
+# A hooked hook point may need a slower path than a plain forward (a norm step by step, a
+# materialised pattern, per-head projections). When its hooks only read, the value handed on
+# is still the fast path's, so that caching changes no bit of the forward pass; the slow path,
+# already computed for the hooks, lends its gradient, so backward hooks there still fire.
+def _observe(hp: HookPoint, x: Tensor) -> tuple[Tensor, bool]:
+    """hp's hooks run on x: (what they leave, whether it is still x's value). A hook that
+    returns None or x without editing x in place keeps it; so does one returning an equal
+    tensor (e.g. a patch of a value with itself)."""
+    if not hp.fwd_hooks:
+        return hp.run(x), True
+    inference = x.is_inference()  # inference tensors keep no version counter: compare a copy
+    before, version = (x.clone(), None) if inference else (x, x._version)
+    y = hp.run(x)
+    if not inference and x._version != version:
+        return y, False  # edited in place
+    if y is before:
+        return y, True
+    return y, y.dtype == before.dtype and y.device == before.device and torch.equal(y, before)
+
+
+def _choose(kept: bool, fast: Callable[[], Tensor], slow: Callable[[], Tensor], grad: bool) -> Tensor:
+    """slow() when the hooks changed a value, else fast()'s bits, with slow()'s gradient when
+    one is wanted (fast - fast.detach() would double it; slow - slow.detach() is exactly 0)."""
+    if not kept:
+        return slow()
+    if not grad:
+        return fast()
+    s = slow()
+    return fast().detach() + (s - s.detach())
+
+
 # ---------------------------------------------------------------------- norms
 class Norm(nn.Module):
     """LayerNorm (kind "LN") or RMSNorm ("RMS") over the last axis, with its weight (and, for
@@ -100,7 +134,14 @@ class Norm(nn.Module):
 
     hook_scale is the per-position scale (standard deviation, or root mean square for RMSNorm)
     and hook_normalized the (centred) input divided by it, before the weight and bias, as in
-    TransformerLens. Hooking either computes the norm by hand; otherwise one fused kernel runs.
+    TransformerLens. Unhooked, one fused kernel runs. Hooked, the norm is also computed step by
+    step for the hooks; if they only read (return None or their input, or an equal tensor,
+    editing nothing in place), the output is still the fused kernel's, bit for bit, so a cached
+    run equals a plain forward. Then hook_normalized · w + b agrees with the output only to
+    rounding (float32: a few ulp, ≲ 1e-6 relative; 16-bit: that dtype's rounding), where
+    TransformerLens's output is that product exactly. A hook that changes either value (an
+    in-place edit counts, even one that keeps the numbers) gets the step-by-step norm of its
+    value, which differs from the fused one by the same rounding.
     """
 
     def __init__(self, kind: str, length: int, eps: float, affine: bool, dtype, offset: float = 0.0):
@@ -124,32 +165,48 @@ class Norm(nn.Module):
         return w + self.offset if self.offset else w
 
     def forward(self, x: Float[Tensor, "batch pos *heads d"]) -> Float[Tensor, "batch pos *heads d"]:
-        if self.hook_scale.active or self.hook_normalized.active:
-            return self.by_hand(x)
+        if not (self.hook_scale.active or self.hook_normalized.active):
+            return self.fused(x, self.w, self.b)
+        normalized, kept = self.normalize(x, hooked=True)
+        return _choose(kept, lambda: self.fused(x, self.w, self.b),
+                       lambda: self.weigh(normalized, x.dtype), normalized.requires_grad)
+
+    def fused(self, x: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
+        """The norm in one kernel, with weight w (before the offset) and bias b."""
         if self.kind == "LN":
-            return F.layer_norm(x, (self.length,), self.weight(x), self.b, self.eps)
-        if self.offset and self.w is not None:  # as Gemma: weigh (offset + w) in float32, then cast
+            if w is not None:
+                w = w.to(x.device, x.dtype)
+                w = w + self.offset if self.offset else w
+            return F.layer_norm(x, (self.length,), w, b, self.eps)
+        if self.offset and w is not None:  # as Gemma: weigh (offset + w) in float32, then cast
             wide = x.float() if x.dtype in _HALF else x
-            out = F.rms_norm(wide, (self.length,), None, self.eps) * (self.w.to(wide.dtype) + self.offset)
+            out = F.rms_norm(wide, (self.length,), None, self.eps) * (w.to(wide.dtype) + self.offset)
             return out.to(x.dtype)
         if x.dtype in _HALF:  # as HF: normalise in float32, cast, then weigh
             out = F.rms_norm(x.float(), (self.length,), None, self.eps).to(x.dtype)
-            return out if self.w is None else out * self.w
-        return F.rms_norm(x, (self.length,), self.w, self.eps)
+            return out if w is None else out * w
+        return F.rms_norm(x, (self.length,), w, self.eps)
 
     def by_hand(self, x: Tensor, hooked: bool = True) -> Tensor:
         """The same norm step by step, in float32 under half precision, running the hooks."""
-        dtype = x.dtype
-        if dtype in _HALF:
+        return self.weigh(self.normalize(x, hooked)[0], x.dtype)
+
+    def normalize(self, x: Tensor, hooked: bool) -> tuple[Tensor, bool]:
+        """(x centred and divided by its scale, whether the hooks kept both values)."""
+        if x.dtype in _HALF:
             x = x.float()
         if self.centres:
             x = x - x.mean(-1, keepdim=True)
         scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-        if hooked:
-            scale = self.hook_scale.run(scale)
-        x = x / scale
-        if hooked:
-            x = self.hook_normalized.run(x)
+        if not hooked:
+            return x / scale, True
+        scale, kept_scale = _observe(self.hook_scale, scale)
+        x, kept = _observe(self.hook_normalized, x / scale)
+        return x, kept_scale and kept
+
+    def weigh(self, x: Tensor, dtype) -> Tensor:
+        """The weight and bias applied to a normalised x (float32 under half precision), cast
+        to dtype."""
         if self.kind == "RMS" and not self.offset:  # Llama casts before the weight, Gemma after
             x = x.to(dtype)
         if self.w is not None:
@@ -159,13 +216,12 @@ class Norm(nn.Module):
         return x.to(dtype)
 
     def plain(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
-        """The norm of x without running its hooks, its weights moved to x's device and dtype
-        (for analysis on caches that live elsewhere than the model)."""
-        w = None if self.w is None else self.weight(x).detach()
-        if self.kind == "LN":
-            b = None if self.b is None else self.b.detach().to(x.device, x.dtype)
-            return F.layer_norm(x, (self.length,), w, b, self.eps)
-        return F.rms_norm(x, (self.length,), w, self.eps)
+        """The norm of x without running its hooks, as the forward pass computes it (the same
+        bits), its weights moved to x's device and dtype (for analysis on caches that live
+        elsewhere than the model)."""
+        w = None if self.w is None else self.w.detach().to(x.device, x.dtype)
+        b = None if self.b is None else self.b.detach().to(x.device, x.dtype)
+        return self.fused(x, w, b)
 
     def read_through(self, u: Float[Tensor, "... d"], scale: Tensor) -> Float[Tensor, "... d"]:
         """The direction a write must be dotted with so that write · read_through(u) equals
@@ -288,13 +344,25 @@ class KVCacheEntry:
         return k, v
 
 
+# What attention reads for queries, keys or values: the shared stream [batch, pos, d_model],
+# per-head reads [batch, pos, heads, d_model], or a pair of the two with equal values.
+AttnInput = Union[Tensor, tuple[Tensor, Tensor]]
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention; each head reads the stream and writes back through W_O.
     Under grouped-query attention query head h reads key/value head h // (n_heads / n_kv_heads).
 
-    With no hook on hook_attn_scores/hook_pattern (and no soft-cap on the scores) it runs
-    scaled_dot_product_attention; otherwise it materialises the pattern. hook_result (per-head
-    writes) is computed only when hooked.
+    Without a soft-cap on the scores it runs scaled_dot_product_attention; hooks on
+    hook_attn_scores/hook_pattern also materialise the pattern for them, and hook_result
+    (per-head writes) is computed only when hooked. If those hooks only read (return None or
+    their input, or an equal tensor, editing nothing in place), z and the output are still the
+    fused kernels' bits, so a cached run equals a plain forward; cached z then agrees with
+    pattern @ v, and attn_out with the sum of hook_result (+ b_O), only to rounding (float32:
+    ≲ 1e-6 relative; 16-bit: that dtype's rounding). A hook that changes a value (an in-place
+    edit counts) gets the materialised attention (or the per-head sum) of its value, which
+    differs from the fused kernels by the same rounding. With a soft-cap attention is always
+    materialised, hooked or not.
     """
 
     def __init__(self, cfg: GPTConfig, window: Optional[int] = None):
@@ -330,8 +398,15 @@ class Attention(nn.Module):
     def groups(self) -> int:
         return self.n_heads // self.n_kv_heads
 
-    def project(self, x: Tensor, W: Tensor, b: Optional[Tensor]) -> Float[Tensor, "batch pos heads d_head"]:
-        """x @ W + b per head; x is the shared stream [b, p, d] or per-head reads [b, p, h, d]."""
+    def project(self, x: AttnInput, W: Tensor, b: Optional[Tensor]
+                ) -> Float[Tensor, "batch pos heads d_head"]:
+        """x @ W + b per head; x is the shared stream [b, p, d], per-head reads [b, p, h, d], or
+        a pair (shared, per-head) of equal values: the shared one's bits, the per-head one's
+        gradient."""
+        if isinstance(x, tuple):
+            shared, per_head = x
+            return _choose(True, lambda: self.project(shared, W, b),
+                           lambda: self.project(per_head, W, b), True)
         if x.ndim == 4:
             out = torch.einsum("bphd,hde->bphe", x, W)
             return out if b is None else out + b
@@ -339,10 +414,10 @@ class Attention(nn.Module):
         out = F.linear(x, flat, None if b is None else b.reshape(-1))
         return out.view(*x.shape[:2], W.shape[0], W.shape[2])
 
-    def forward(self, q_in: Tensor, k_in: Tensor, v_in: Tensor, run: Run,
+    def forward(self, q_in: AttnInput, k_in: AttnInput, v_in: AttnInput, run: Run,
                 past_kv: Optional[KVCacheEntry] = None) -> Float[Tensor, "batch pos d_model"]:
-        """With `past_kv`, the new keys and values join the cached ones and the queries (the
-        last positions) attend to all of them."""
+        """Each input is what `project` takes. With `past_kv`, the new keys and values join the
+        cached ones and the queries (the last positions) attend to all of them."""
         q = self.hook_q.run(self.project(q_in, self.W_Q, self.b_Q))
         k = self.hook_k.run(self.project(k_in, self.W_K, self.b_K))
         v = self.hook_v.run(self.project(v_in, self.W_V, self.b_V))
@@ -357,33 +432,57 @@ class Attention(nn.Module):
         if past_kv is not None:
             k, v = past_kv.append(k, v)
         mask = run.mask_for(q.shape[1], k.shape[1], self.window, q.device)
-        if self.softcap is not None or self.hook_attn_scores.active or self.hook_pattern.active:
+        if self.softcap is not None:
             z = self.materialised(q, k, v, mask)
+        elif self.hook_attn_scores.active or self.hook_pattern.active:
+            pattern, kept = self.hooked_pattern(q, k, mask)
+            z = _choose(kept, lambda: self.fused(q, k, v, mask), lambda: self.mix(pattern, v),
+                        pattern.requires_grad)
         else:
-            z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=mask, is_causal=mask is None and q.shape[1] > 1, scale=self.scale,
-                enable_gqa=self.groups > 1,
-            ).transpose(1, 2)
+            z = self.fused(q, k, v, mask)
         z = self.hook_z.run(z)
-        if self.hook_result.active:
-            result = self.hook_result.run(torch.einsum("bphe,hed->bphd", z, self.W_O))
-            out = result.sum(2)
-            return out if self.b_O is None else out + self.b_O
+        if not self.hook_result.active:
+            return self.out(z)
+        result, kept = _observe(self.hook_result, torch.einsum("bphe,hed->bphd", z, self.W_O))
+        return _choose(kept, lambda: self.out(z), lambda: self.summed(result), result.requires_grad)
+
+    def fused(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
+              ) -> Float[Tensor, "batch query_pos n_heads d_head"]:
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None and q.shape[1] > 1, scale=self.scale,
+            enable_gqa=self.groups > 1,
+        ).transpose(1, 2)
+
+    def out(self, z: Float[Tensor, "batch pos n_heads d_head"]) -> Float[Tensor, "batch pos d_model"]:
         W_O = self.W_O.permute(2, 0, 1).reshape(self.d_model, -1)  # [d, h*e]: a view
         return F.linear(z.reshape(*z.shape[:2], -1), W_O, self.b_O)
 
+    def summed(self, result: Float[Tensor, "batch pos n_heads d_model"]
+               ) -> Float[Tensor, "batch pos d_model"]:
+        out = result.sum(2)
+        return out if self.b_O is None else out + self.b_O
+
     def materialised(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Float[Tensor, "batch query_pos n_heads d_head"]:
-        k, v = per_query_head(k, self.groups, 2), per_query_head(v, self.groups, 2)
+        return self.mix(self.hooked_pattern(q, k, mask)[0], v)
+
+    def hooked_pattern(self, q: Tensor, k: Tensor, mask: Optional[Tensor]
+                       ) -> tuple[Float[Tensor, "batch n_heads query_pos key_pos"], bool]:
+        """(the pattern as the hooks leave it, whether they kept the scores and the pattern)."""
+        k = per_query_head(k, self.groups, 2)
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.scale
         if self.softcap is not None:  # hook_attn_scores sees the capped scores
             scores = softcap(scores, self.softcap)
         if mask is None:
             mask = _causal(*scores.shape[-2:], q.device)
-        scores = self.hook_attn_scores.run(scores.masked_fill(~mask, float("-inf")))
+        scores, kept_scores = _observe(self.hook_attn_scores, scores.masked_fill(~mask, float("-inf")))
         pattern = torch.softmax(scores.float() if scores.dtype in _HALF else scores, dim=-1)
-        pattern = self.hook_pattern.run(pattern.to(v.dtype))
-        return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+        pattern, kept = _observe(self.hook_pattern, pattern.to(q.dtype))
+        return pattern, kept_scores and kept
+
+    def mix(self, pattern: Tensor, v: Tensor) -> Float[Tensor, "batch query_pos n_heads d_head"]:
+        """z: each query's pattern-weighted sum of the values."""
+        return torch.einsum("bhqk,bkhe->bqhe", pattern, per_query_head(v, self.groups, 2))
 
 
 # ---------------------------------------------------------------------- MLP
@@ -456,20 +555,28 @@ class Block(nn.Module):
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def attn_inputs(self, resid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """ln1 of the stream; per-head copies of it where q/k/v_input are hooked (one per
-        key/value head for k and v)."""
+    def attn_inputs(self, resid: Tensor) -> tuple[AttnInput, AttnInput, AttnInput]:
+        """ln1 of the stream; where q/k/v_input are hooked, per-head copies of the stream (one
+        per key/value head for k and v) run through the hooks. Copies the hooks leave as they
+        were are read as the shared stream (the same bits as unhooked; paired with the per-head
+        copy when a gradient is wanted, which then flows through the hook point); changed ones
+        are normalised per head. ln1's own hooks run once, on the shared stream: a per-head
+        input a hook changes is normalised without them."""
         ln = self.ln1
         normed = resid if ln is None else ln(resid)
-        out = []
+        out: list[AttnInput] = []
         for hp, h in ((self.hook_q_input, self.n_heads), (self.hook_k_input, self.n_kv_heads),
                       (self.hook_v_input, self.n_kv_heads)):
             if not hp.active:
                 out.append(normed)
                 continue
             per_head = einops.repeat(resid, "b p d -> b p h d", h=h).clone()
-            per_head = hp.run(per_head)  # a copy: hooks may edit one head in place
-            out.append(per_head if ln is None else ln.by_hand(per_head, hooked=False))
+            per_head, kept = _observe(hp, per_head)  # a copy: hooks may edit one head in place
+            if kept and not per_head.requires_grad:
+                out.append(normed)
+                continue
+            per_head = per_head if ln is None else ln.by_hand(per_head, hooked=False)
+            out.append((normed, per_head) if kept else per_head)
         return out[0], out[1], out[2]
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"], run: Run,

@@ -6,6 +6,7 @@ import operator
 import warnings
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from jaxtyping import Complex, Float
 from torch import Tensor
@@ -80,6 +81,11 @@ class FactoredMatrix:
         return self._A.ndim
 
     @property
+    def has_leading_dims(self) -> bool:
+        """Whether the product has dims before its rows and columns (a stack of matrices)."""
+        return self._A.ndim > 2
+
+    @property
     def dtype(self) -> torch.dtype:
         return self._A.dtype
 
@@ -112,7 +118,8 @@ class FactoredMatrix:
     def __matmul__(self, other: Union[Float[Tensor, "..."], "FactoredMatrix"]
                    ) -> Union["FactoredMatrix", Float[Tensor, "..."]]:
         """self @ other. A FactoredMatrix or matrix operand gives a FactoredMatrix whose inner
-        dim is the smallest available (mdim, other's mdim, or rdim); a vector gives a tensor."""
+        dim is the smallest available (mdim, other's mdim, or rdim; on a tie, rdim, with the
+        factors TransformerLens picks); a vector gives a tensor."""
         if isinstance(other, FactoredMatrix):
             if other.ldim != self.rdim:
                 raise ValueError(f"shape mismatch in FactoredMatrix{tuple(self.shape)} @ "
@@ -125,7 +132,7 @@ class FactoredMatrix:
                              f"{tuple(other.shape)}")
         if other.ndim == 1:
             return (self._A @ (self._B @ other.unsqueeze(-1))).squeeze(-1)
-        if self.mdim <= self.rdim:
+        if self.mdim < self.rdim:  # ties go to AB, as in TransformerLens (same factors)
             return FactoredMatrix(self._A, self._B @ other)
         return FactoredMatrix(self.AB, other)
 
@@ -138,7 +145,7 @@ class FactoredMatrix:
                              f"FactoredMatrix{tuple(self.shape)}")
         if other.ndim == 1:
             return ((other.unsqueeze(-2) @ self._A) @ self._B).squeeze(-2)
-        if self.mdim <= self.ldim:
+        if self.mdim < self.ldim:
             return FactoredMatrix(other @ self._A, self._B)
         return FactoredMatrix(other, self.AB)
 
@@ -165,11 +172,16 @@ class FactoredMatrix:
                            Float[Tensor, "*batch rdim r"]]:
         """Thin SVD (U, S, V) with AB == U @ diag(S) @ V.mT, as in TransformerLens: V holds the
         right singular vectors as columns (it is V, not Vh). r = min(ldim, mdim, rdim); U and V
-        have orthonormal columns and S is descending. Costs two thin QRs and an r-sized SVD."""
+        have orthonormal columns and S is descending. Computed as TransformerLens does (thin
+        SVDs A = Ua Sa Vaᵀ, B = Ub Sb Vbᵀ, then the SVD of the small Sa Vaᵀ Ub Sb), so the
+        singular vectors come with the same signs, and a direction read off U or V points the
+        same way as in a TransformerLens script."""
         if self._svd is None:
-            Qa, M, Qb = self._qr_core()
-            Um, S, Vhm = torch.linalg.svd(M, full_matrices=False)
-            self._svd = (Qa @ Um, S, Qb @ Vhm.mT)
+            Ua, Sa, Vha = torch.linalg.svd(_upcast(self._A), full_matrices=False)
+            Ub, Sb, Vhb = torch.linalg.svd(_upcast(self._B), full_matrices=False)
+            middle = Sa[..., :, None] * Vha @ Ub * Sb[..., None, :]
+            Um, S, Vhm = torch.linalg.svd(middle, full_matrices=False)
+            self._svd = (Ua @ Um, S, Vhb.mT @ Vhm.mT)
         return self._svd
 
     @property
@@ -233,40 +245,97 @@ class FactoredMatrix:
         return self._A[lead + (slice(k), slice(None))] @ self._B[lead + (slice(None), slice(k))]
 
     def __getitem__(self, idx: Any) -> "FactoredMatrix":
-        """Index the product's dims: leading dims take any torch index (int, slice, integer
-        tensor or list); the row and column dims take an int or slice, applied to A's rows and
-        B's columns. Ints there keep a size-1 dim so the result is still a matrix. One `...`
-        is allowed; `None` and multi-dim boolean masks are not."""
+        """Index the product's dims without forming it, as TransformerLens does: fm[idx].AB is
+        fm.AB[idx], except that an int on the row or column dim keeps that dim (size 1), so the
+        result is still a matrix, and that rows and columns are picked independently:
+        fm[..., rows, cols] is the submatrix of those rows and columns (np.ix_'s reading, and
+        TransformerLens's), not torch's pairs of them. The leading dims take any torch index
+        (int, slice, list, integer or boolean tensor, None), applied as torch applies it, and
+        the rows and columns are then picked from what it leaves. Rows and columns take an int,
+        a slice, a list or 1D tensor of ints, or a 1D boolean mask. One `...`; a `None` after
+        the leading dims adds a size-1 dim there, as torch would."""
         idx = idx if isinstance(idx, tuple) else (idx,)
-        n_ellipsis = sum(item is Ellipsis for item in idx)
-        if n_ellipsis > 1 or any(item is None for item in idx):
-            raise ValueError(f"unsupported index {idx} for shape {tuple(self.shape)}")
-        if any(isinstance(item, Tensor) and item.dtype == torch.bool and item.ndim != 1
-               for item in idx):
-            raise ValueError(f"multi-dim boolean masks are unsupported, shape {tuple(self.shape)}")
-        if n_ellipsis:
-            at = next(i for i, item in enumerate(idx) if item is Ellipsis)
-            fill = (slice(None),) * (self.ndim - len(idx) + 1)
-            idx = idx[:at] + fill + idx[at + 1:]
-        if len(idx) > self.ndim:
-            raise ValueError(f"too many indices ({len(idx)}) for shape {tuple(self.shape)}")
-        idx = idx + (slice(None),) * (self.ndim - len(idx))
-        lead, rows, cols = idx[:-2], _as_slice(idx[-2]), _as_slice(idx[-1])
-        return FactoredMatrix(self._A[lead + (rows, slice(None))],
-                              self._B[lead + (slice(None), cols)])
+        shape = tuple(self.shape)
+        at = [i for i, item in enumerate(idx) if item is Ellipsis]
+        if len(at) > 1:
+            raise ValueError(f"an index can have one ... at most, got {idx} for shape {shape}")
+        used = sum(_dims_taken(item, shape) for item in idx)
+        if used > self.ndim:
+            raise ValueError(f"too many indices ({used}) for shape {shape}")
+        fill = (slice(None),) * (self.ndim - used)
+        idx = idx[:at[0]] + fill + idx[at[0] + 1:] if at else idx + fill
+        n_lead, axis = self.ndim - 2, 0
+        lead: list = []
+        picks: list = []  # the row index, then the column index
+        new_axes: list[int] = []  # None after the rows (1) or after the columns (2)
+        for item in idx:
+            if item is None:
+                if axis <= n_lead:
+                    lead.append(None)
+                else:
+                    new_axes.append(axis - n_lead)
+                continue
+            taken = _dims_taken(item, shape)
+            if axis + taken <= n_lead:
+                lead.append(item)
+            elif taken == 1:
+                picks.append(_one_axis(item, "row" if axis == n_lead else "column", shape))
+            else:
+                raise ValueError(f"a {taken}-dim boolean mask cannot cover the rows or columns "
+                                 f"of a FactoredMatrix of shape {shape}; index them with 1D masks")
+            axis += taken
+        rest = (slice(None), slice(None))
+        A, B = self._A[tuple(lead) + rest], self._B[tuple(lead) + rest]
+        out = FactoredMatrix(A[..., picks[0], :], B[..., :, picks[1]])
+        for where in new_axes:
+            if where == 1:  # between rows and columns: the rows become a leading dim
+                out = FactoredMatrix(out.A.unsqueeze(-2), out.B.unsqueeze(-3))
+            else:  # after the columns: they become the rows of a one-column matrix
+                out = FactoredMatrix(out.B.mT.unsqueeze(-3), out.A.unsqueeze(-1))
+        return out
 
     def to(self, *args: Any, **kwargs: Any) -> "FactoredMatrix":
         """Move/cast both factors, with the arguments of `Tensor.to`."""
         return FactoredMatrix(self._A.to(*args, **kwargs), self._B.to(*args, **kwargs))
 
 
-def _as_slice(item: Any) -> slice:
+def _dims_taken(item: Any, shape: tuple) -> int:
+    """How many of the product's dims an index item consumes (a boolean mask: its ndim)."""
+    if item is None or item is Ellipsis:
+        return 0
+    if isinstance(item, bool) or (isinstance(item, (Tensor, np.ndarray)) and item.ndim == 0
+                                  and item.dtype in (torch.bool, np.bool_)):
+        raise ValueError(f"a bool is not an index (torch reads it as a new axis); use an int or "
+                         f"a boolean mask tensor, got {item!r} for shape {shape}")
+    if isinstance(item, (list, tuple)):
+        item = torch.as_tensor(item)
+    if isinstance(item, (Tensor, np.ndarray)) and item.dtype in (torch.bool, np.bool_):
+        return item.ndim
+    return 1
+
+
+def _one_axis(item: Any, what: str, shape: tuple) -> Union[slice, Tensor]:
+    """A row or column index: an int becomes a size-1 slice (the dim stays); a slice, a 1D list
+    or tensor of ints, or a 1D boolean mask is kept."""
     if isinstance(item, slice):
         return item
+    if isinstance(item, (list, tuple, np.ndarray)):
+        item = torch.as_tensor(item)
+    if isinstance(item, Tensor):
+        if item.ndim == 0 and not item.dtype.is_floating_point and not item.dtype.is_complex:
+            item = int(item.item())
+        elif item.ndim == 1 and (item.dtype == torch.bool or not (
+                item.dtype.is_floating_point or item.dtype.is_complex)):
+            return item
+        else:
+            raise ValueError(f"a {what} index must be an int, a slice, or a 1D index of ints or "
+                             f"bools, got a {item.dtype} tensor of shape {tuple(item.shape)} "
+                             f"for shape {shape}")
     try:
         i = operator.index(item)
     except TypeError:
-        raise ValueError(f"row/column index must be an int or slice, got {item!r}") from None
+        raise ValueError(f"a {what} index must be an int, a slice, or a 1D index of ints or "
+                         f"bools, got {item!r} for shape {shape}") from None
     return slice(i, i + 1 if i != -1 else None)
 
 

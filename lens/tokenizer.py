@@ -819,14 +819,18 @@ def to_str_tokens(tok: TokenizerLike, input: Union[str, list[str], TokensLike],
     return [tok.decode_single(t) for t in _as_id_list(input)]
 
 
-def to_string(tok: TokenizerLike, tokens: Union[TokensLike, Sequence[Sequence[int]]],
+def to_string(tok: TokenizerLike, tokens: Union[int, np.integer, TokensLike, Sequence[Sequence[int]]],
               ) -> Union[str, list[str]]:
-    """Text of a 1D sequence of ids, or a list of texts for a 2D [batch, pos] input."""
+    """Text of one id (an int or a 0D tensor: that token's string) or of a 1D sequence of ids,
+    or a list of texts for a 2D [batch, pos] input. Spaces are not cleaned up, as in
+    TransformerLens."""
+    if isinstance(tokens, np.integer):
+        tokens = int(tokens)
     if isinstance(tokens, (torch.Tensor, np.ndarray)) and tokens.ndim == 2:
-        return [tok.decode(row) for row in tokens]
+        return [tok.decode(row, clean_up_tokenization_spaces=False) for row in tokens]
     if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], (list, tuple)):
-        return [tok.decode(row) for row in tokens]
-    return tok.decode(tokens)
+        return [tok.decode(row, clean_up_tokenization_spaces=False) for row in tokens]
+    return tok.decode(tokens, clean_up_tokenization_spaces=False)
 
 
 def to_single_token(tok: TokenizerLike, string: str) -> int:
@@ -838,15 +842,29 @@ def to_single_token(tok: TokenizerLike, string: str) -> int:
     return ids[0]
 
 
-def get_token_position(tok: TokenizerLike, single_token: Union[str, int, torch.Tensor],
+def _whole(ids: object, what: str) -> object:
+    """Float ids holding whole numbers (as a float tensor of ids, which TransformerLens's
+    get_token_position compares with ==) as int64; other values unchanged."""
+    if isinstance(ids, float) or (isinstance(ids, torch.Tensor) and ids.dtype.is_floating_point) \
+            or (isinstance(ids, np.ndarray) and np.issubdtype(ids.dtype, np.floating)):
+        t = torch.as_tensor(ids)
+        if not torch.equal(t, t.round()):
+            raise ValueError(f"{what} holds values that are not whole numbers, so not token ids: "
+                             f"{t[t != t.round()][:5].tolist() if t.ndim else t.item()}")
+        return int(t.item()) if t.ndim == 0 else t.long()
+    return ids
+
+
+def get_token_position(tok: TokenizerLike, single_token: Union[str, int, float, torch.Tensor],
                        input: Union[str, TokensLike], mode: str = "first",
                        prepend_bos: Optional[bool] = True) -> int:
     """Index of the first or last occurrence of single_token in input (a str is tokenized with
-    prepend_bos; a tensor may be 1D or [1, pos])."""
+    prepend_bos; a tensor may be 1D or [1, pos]). Ids may come as floats holding whole numbers,
+    as TransformerLens allows (it compares with ==)."""
     if mode not in POSITION_MODES:
         raise ValueError(f"mode={mode!r} is not one of {POSITION_MODES}")
     token_id = to_single_token(tok, single_token) if isinstance(single_token, str) \
-        else _as_int(single_token)
+        else _as_int(_whole(single_token, "single_token"))
     if isinstance(input, str):
         ids = to_tokens(tok, input, prepend_bos=prepend_bos)[0].tolist()
     else:
@@ -854,7 +872,7 @@ def get_token_position(tok: TokenizerLike, single_token: Union[str, int, torch.T
             if input.shape[0] != 1:
                 raise ValueError(f"input has batch size {input.shape[0]}; give one sequence")
             input = input[0]
-        ids = _as_id_list(input)
+        ids = _as_id_list(_whole(input, "input"))
     positions = [i for i, t in enumerate(ids) if t == token_id]
     if not positions:
         raise ValueError(f"token {tok.decode_single(token_id)!r} ({token_id}) does not occur "

@@ -553,8 +553,11 @@ def test_gqa_and_windowed_attention_stay_on_the_fused_kernel_until_the_pattern_i
         calls.clear()
         model(tokens())
         assert len(calls) == model.cfg.n_layers, name
-        calls.clear()
+        calls.clear()  # caching the pattern materialises it for the cache; the fused output flows on
         model.run_with_cache(tokens(), names_filter=lambda n: n.endswith("hook_pattern"))
+        assert len(calls) == model.cfg.n_layers, name
+        calls.clear()  # a hook that edits the pattern takes the materialised path
+        model.run_with_hooks(tokens(), fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: x * 0.5)])
         assert not calls, name
 
 

@@ -236,7 +236,12 @@ def test_unhooked_forward_uses_the_fused_kernel(model, tokens, monkeypatch):
     model(tokens)
     assert len(calls) == model.cfg.n_layers
     calls.clear()
+    # a hook that only reads the pattern leaves the fused kernel's output in the stream (the
+    # materialised pattern is computed for the hook), so a cached run is bit-identical
     model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: None)])
+    assert len(calls) == model.cfg.n_layers
+    calls.clear()
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda x, hook: x * 0.5)])
     assert len(calls) == model.cfg.n_layers - 1
 
 
