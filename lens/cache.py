@@ -45,7 +45,11 @@ def pos_index(pos_slice: PosSlice):
         raise TypeError("a position index cannot be a boolean mask; give the positions as ints")
     if isinstance(pos_slice, tuple) and len(pos_slice) in (2, 3):
         return slice(*pos_slice)
-    return torch.as_tensor(pos_slice, dtype=torch.long)
+    idx = torch.as_tensor(pos_slice)
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"positions must be ints, got {pos_slice!r:.60} ({idx.dtype}); a float "
+                        "index would be rounded to another position")
+    return idx.long()
 
 
 def _pos_dim(name: str) -> int:

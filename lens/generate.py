@@ -237,7 +237,12 @@ def _eos_ids(model, stop_at_eos: bool, eos_token_id) -> list[int]:
     if eos_token_id is None:
         tok = getattr(model, "tokenizer", None)
         return [] if tok is None or tok.eos_token_id is None else [tok.eos_token_id]
-    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < model.cfg.d_vocab]
+    if bad or not ids:
+        raise ValueError(f"eos_token_id={eos_token_id!r}: each must be a token id in [0, "
+                         f"d_vocab={model.cfg.d_vocab})")
+    return ids
 
 
 def _next_token_logits(model, tokens: Int[Tensor, "batch pos"], mask: Optional[Tensor],

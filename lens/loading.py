@@ -360,6 +360,10 @@ def save(model: HookedGPT, path: PathLike, storage_dtype: Optional[torch.dtype] 
     """Save in lens format: a directory with lens_config.json and model.safetensors (the
     state dict, made contiguous). Processed models (normalization "LNPre") round-trip exactly.
     storage_dtype (e.g. torch.float16) shrinks the file; loading still gives cfg.dtype."""
+    if storage_dtype is not None and (not isinstance(storage_dtype, torch.dtype)
+                                      or not storage_dtype.is_floating_point):
+        raise ValueError(f"storage_dtype={storage_dtype!r} would truncate the weights; give a "
+                         "floating dtype (torch.float16, torch.bfloat16, torch.float32)")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")

@@ -291,6 +291,9 @@ class HookedGPT(Hookable, nn.Module):
         L = self.cfg.n_layers
         start = _layer_index(start_at_layer, L, "start_at_layer") if start_at_layer is not None else 0
         stop = _layer_index(stop_at_layer, L, "stop_at_layer") if stop_at_layer is not None else L
+        if stop < start:
+            raise ValueError(f"stop_at_layer={stop_at_layer} comes before start_at_layer="
+                             f"{start_at_layer}: no block would run (stop must be >= start)")
         if start == 0 and start_at_layer is None:
             if isinstance(input, (str, list)) and not isinstance(input, Tensor):
                 input, mask_of_text = self.to_tokens_with_mask(input, prepend_bos, padding_side)
@@ -304,6 +307,9 @@ class HookedGPT(Hookable, nn.Module):
                 if stop != L:
                     raise ValueError(f"past_kv runs every block; stop_at_layer={stop_at_layer} "
                                      f"must then be None or n_layers={L}")
+                if len(past_kv.layers) != L:
+                    raise ValueError(f"past_kv holds {len(past_kv.layers)} layers; this model has {L} "
+                                     f"(make it with KVCache({L}) or KVCache.init_cache(model.cfg, ...))")
                 positions, mask = past_kv.prepare(batch, n, attention_mask, self.cfg.n_ctx, tokens.device)
             resid = None
         else:
@@ -569,7 +575,9 @@ class HookedGPT(Hookable, nn.Module):
 
 def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "batch pos"],
             attention_mask: Optional[Tensor] = None, per_token: bool = False):
-    """Next-token cross-entropy (float32), averaged over the real (unmasked) predictions."""
+    """Next-token cross-entropy (float32), averaged over the real predictions: those made at
+    a real token of a real next token (so a left pad's prediction of the first token is not
+    counted, whichever side the padding is on)."""
     if tokens.shape != logits.shape[:2]:
         raise ValueError(f"tokens {tuple(tokens.shape)} do not match logits {tuple(logits.shape[:2])}")
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -578,12 +586,13 @@ def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "bat
         return nll
     if attention_mask is None:
         return nll.mean()
-    keep = attention_mask[:, 1:].to(nll.device, torch.bool)
+    real = attention_mask.to(nll.device, torch.bool)
+    keep = real[:, 1:] & real[:, :-1]  # a real prediction of a real token: not from a pad
     return nll[keep].mean()
 
 
 def _layer_index(layer: int, n_layers: int, what: str) -> int:
-    if not isinstance(layer, int) or not -n_layers <= layer <= n_layers:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer <= n_layers:
         raise ValueError(f"{what}={layer!r} must be an int in [-{n_layers}, {n_layers}]")
     return layer % n_layers if layer < 0 else layer
 

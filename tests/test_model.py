@@ -415,3 +415,47 @@ def test_soft_capped_scores_and_logits_and_the_attention_scale():
     process_weights(model, strict=False)
     assert "center_unembed" not in applied_steps(model)
     torch.testing.assert_close(model(tokens).log_softmax(-1), before)
+
+
+def test_left_padded_loss_equals_the_unpadded_loss():
+    """A left pad's prediction of the first real token is not a real prediction."""
+    model = make_model()
+    real = torch.tensor([[5, 6, 7, 8]])
+    alone = model(real, return_type="loss")
+    padded = model(torch.tensor([[0, 0, 5, 6, 7, 8]]), return_type="loss",
+                   attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1]]))
+    torch.testing.assert_close(padded, alone)
+    right = model(torch.tensor([[5, 6, 7, 8, 0, 0]]), return_type="loss",
+                  attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    torch.testing.assert_close(right, alone)
+
+
+def test_layer_ranges_that_run_nothing_or_skip_blocks_are_refused(tmp_path):
+    from lens.generate import KVCache
+    model = make_model()
+    tokens = make_tokens(model)
+    resid = model(tokens, stop_at_layer=1)
+    with pytest.raises(ValueError, match="stop_at_layer=1 comes before start_at_layer=2"):
+        model(resid, start_at_layer=2, stop_at_layer=1)
+    for flag in ("stop_at_layer", "start_at_layer"):
+        with pytest.raises(ValueError, match=f"{flag}=True must be an int"):
+            model(resid if flag == "start_at_layer" else tokens, **{flag: True})
+    with pytest.raises(ValueError, match="past_kv holds 1 layers; this model has 2"):
+        model(tokens, past_kv=KVCache(1))
+    with pytest.raises(ValueError, match="storage_dtype=torch.int8 would truncate"):
+        model.save(tmp_path / "m", storage_dtype=torch.int8)
+    assert not (tmp_path / "m").exists()
+
+
+def test_float_positions_and_out_of_vocab_eos_are_refused():
+    from lens.cache import pos_index
+    model = make_model()
+    tokens = make_tokens(model)
+    with pytest.raises(TypeError, match="positions must be ints"):
+        model.run_with_cache(tokens, pos_slice=torch.tensor([1.5]))
+    with pytest.raises(TypeError, match="positions must be ints"):
+        pos_index(torch.tensor([0.0, 1.5]))
+    assert pos_index([2, 3]).tolist() == [2, 3]
+    for eos in (10 ** 6, -1, [3, 99]):
+        with pytest.raises(ValueError, match=r"eos_token_id=.*\[0, d_vocab=37\)"):
+            model.generate(tokens[:1, :3], 2, eos_token_id=eos)
