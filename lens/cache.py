@@ -170,11 +170,9 @@ class ActivationCache(Mapping):
             import difflib
             near = difflib.get_close_matches(name, self.cache_dict, n=3, cutoff=0.5)
             leaf = name.rsplit(".", 1)[-1]
-            flag = {"hook_result": "set_use_attn_result", "hook_q_input": "set_use_split_qkv_input",
-                    "hook_k_input": "set_use_split_qkv_input", "hook_v_input": "set_use_split_qkv_input",
-                    "hook_mlp_in": "set_use_hook_mlp_in"}.get(leaf)
+            flag = sites.OPTIONAL_CACHE.get(leaf)
             why = (f"; run_with_cache() with no filter leaves {leaf} out, as TransformerLens does: "
-                   f"name it in names_filter, or call model.{flag}(True) first") if flag else ""
+                   f"name it in names_filter, or call model.set_{flag}(True) first") if flag else ""
             raise KeyError(f"{name!r} is not in the cache (it holds {len(self.cache_dict)} "
                            f"activations{'; nearest: ' + str(near) if near else ''}); "
                            f"include it in run_with_cache's names_filter{why}") from None

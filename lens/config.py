@@ -288,13 +288,13 @@ class GPTConfig:
     def default_padding_side(self) -> str:
         return self._runtime("default_padding_side", "right")
 
-    use_attn_result = property(lambda self: self._runtime("_cache_result", False),
+    use_attn_result = property(lambda self: self._runtime("_use_attn_result", False),
                                doc="Whether run_with_cache() with no filter caches hook_result.")
-    use_split_qkv_input = property(lambda self: self._runtime("_cache_split_qkv", False),
+    use_split_qkv_input = property(lambda self: self._runtime("_use_split_qkv_input", False),
                                    doc="Whether run_with_cache() with no filter caches hook_q/k/v_input.")
-    use_attn_in = property(lambda self: self._runtime("_cache_attn_in", False),
+    use_attn_in = property(lambda self: self._runtime("_use_attn_in", False),
                            doc="Whether run_with_cache() with no filter caches hook_attn_in.")
-    use_hook_mlp_in = property(lambda self: self._runtime("_cache_mlp_in", False),
+    use_hook_mlp_in = property(lambda self: self._runtime("_use_hook_mlp_in", False),
                                doc="Whether run_with_cache() with no filter caches hook_mlp_in.")
 
     # ------------------------------------------------------------------ derived facts

@@ -28,7 +28,7 @@ class HookedGPT(Hookable, nn.Module):
 
     # What run_with_cache() with no names filter leaves out unless asked (TransformerLens's
     # default cache): the per-head copies of the stream and of each head's write, and mlp_in.
-    _cache_result = _cache_split_qkv = _cache_attn_in = _cache_mlp_in = False
+    _use_attn_result = _use_split_qkv_input = _use_attn_in = _use_hook_mlp_in = False
     default_prepend_bos = True
     default_padding_side = "right"
 
@@ -62,39 +62,42 @@ class HookedGPT(Hookable, nn.Module):
         """Let run_with_cache() with no filter cache each head's write (hook_result), as
         TransformerLens's flag does. lens computes hook_result whenever it is hooked or named,
         flag or not; the flag only decides what the unfiltered cache includes."""
-        self._cache_result = bool(use)
+        self._use_attn_result = bool(use)
 
     def set_use_split_qkv_input(self, use: bool) -> None:
         """As set_use_attn_result, for the per-head stream copies hook_q/k/v_input."""
-        self._cache_split_qkv = bool(use)
+        self._use_split_qkv_input = bool(use)
 
     def set_use_attn_in(self, use: bool) -> None:
         """As set_use_attn_result, for hook_attn_in (lens's per-head inputs are
         hook_q/k/v_input; hook_attn_in is not built, so this changes nothing)."""
-        self._cache_attn_in = bool(use)
+        self._use_attn_in = bool(use)
 
     def set_use_hook_mlp_in(self, use: bool) -> None:
         """As set_use_attn_result, for hook_mlp_in."""
-        self._cache_mlp_in = bool(use)
+        self._use_hook_mlp_in = bool(use)
 
     def default_cache_names(self) -> list[str]:
         """The hook points run_with_cache() caches when given no filter: every one except the
         per-head expansions (hook_result, hook_q/k/v_input) and hook_mlp_in, unless the
         set_use_* flags ask for them, as in TransformerLens. Naming them caches them anyway."""
-        skip = {"hook_result": self._cache_result, "hook_q_input": self._cache_split_qkv,
-                "hook_k_input": self._cache_split_qkv, "hook_v_input": self._cache_split_qkv,
-                "hook_mlp_in": self._cache_mlp_in}
-        return [n for n in self.hook_dict if skip.get(n.rsplit(".", 1)[-1], True)]
+        from lens.sites import OPTIONAL_CACHE
+        flags = (OPTIONAL_CACHE.get(n.rsplit(".", 1)[-1]) for n in self.hook_dict)
+        return [n for n, flag in zip(self.hook_dict, flags) if flag is None or getattr(self, "_" + flag)]
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
-        """GPT-2 initialisation: normal(0, std) matrices, zero biases, unit LayerNorm weights."""
+    def init_weights(self, std: float = 0.02, seed: Optional[int] = None,
+                     scale_writes: bool = True) -> None:
+        """GPT-2 initialisation: normal(0, std) matrices, zero biases, unit LayerNorm weights;
+        the stream's writers W_O and W_out get std / √(2 n_layers) unless scale_writes=False
+        (TransformerLens's "gpt2" init, which draws every matrix with std)."""
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if leaf.startswith("W_"):
-                s = std / (2 * self.cfg.n_layers) ** 0.5 if leaf in ("W_O", "W_out") else std
+                writes = scale_writes and leaf in ("W_O", "W_out")
+                s = std / (2 * self.cfg.n_layers) ** 0.5 if writes else std
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
             elif leaf == "w":
                 p.fill_(1.0)

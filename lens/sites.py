@@ -5,6 +5,14 @@ harvest ask it where a hook's position, head and neuron axes are, and short name
 from typing import Optional
 
 B, P, QP, KP = "batch", "pos", "query_pos", "key_pos"
+# hook points run_with_cache() with no filter leaves out, as TransformerLens does (per-head
+# copies of the stream and of each head's write), each with the TransformerLens flag
+# (model.set_<flag>(True), model.cfg.<flag>) that puts it back
+OPTIONAL_CACHE: dict[str, str] = {
+    "hook_result": "use_attn_result", "hook_q_input": "use_split_qkv_input",
+    "hook_k_input": "use_split_qkv_input", "hook_v_input": "use_split_qkv_input",
+    "hook_mlp_in": "use_hook_mlp_in",
+}
 # leaf name -> (the module under blocks.{l} that owns it, axes of its activation)
 SITES: dict[str, tuple[Optional[str], tuple[str, ...]]] = {
     "embed": (None, (B, P, "d_model")),

@@ -51,9 +51,8 @@ def HookedTransformerConfig(d_model: int, d_head: int, n_layers: int, n_ctx: int
     initializer_range, tokenizer_name, model_name) are kept on the config for HookedTransformer
     (cfg.metadata["tl"]); a field lens does not implement, at a value other than its default,
     is refused by name."""
-    problems = [f"{k}={v!r}" for k, v in options.items() if k not in _INERT]
-    problems = [f"unknown field {p}" for p in problems]
-    runtime = {**{k: v for k, v in _INERT.items()}, **options}
+    problems = [f"unknown field {k}={v!r}" for k, v in options.items() if k not in _INERT]
+    runtime = {**_INERT, **options}
     implemented = ("dtype", "device", "default_prepend_bos", "seed", "initializer_range",
                    "init_weights", "tokenizer_name", "model_name", "original_architecture",
                    "use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in",
@@ -137,8 +136,8 @@ class HookedTransformer(HookedGPT):
         super().__init__(cfg, tokenizer=tokenizer, init=False)
         if tl.get("init_weights", True):
             std = tl.get("initializer_range", -1.0)
-            self._init_like_transformer_lens(0.8 / math.sqrt(cfg.d_model) if std is None or std < 0
-                                             else std, tl.get("seed"))
+            self.init_weights(0.8 / math.sqrt(cfg.d_model) if std is None or std < 0 else std,
+                              seed=tl.get("seed"), scale_writes=False)
         for flag in ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in"):
             if tl.get(flag):
                 getattr(self, "set_" + flag)(True)
@@ -149,21 +148,6 @@ class HookedTransformer(HookedGPT):
             self.default_padding_side = tl["default_padding_side"]
         if move_to_device:  # TransformerLens's default device: a GPU when there is one
             self.to(tl.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    @torch.no_grad()
-    def _init_like_transformer_lens(self, std: float, seed: Optional[int]) -> None:
-        """TransformerLens's "gpt2" initialisation: every weight matrix normal(0, std), biases
-        zero, norm weights one (seed: torch.manual_seed(seed) first, as TransformerLens)."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf.startswith("W_"):
-                p.normal_(0.0, std)
-            elif leaf == "w":
-                p.fill_(1.0)
-            else:
-                p.zero_()
 
     @classmethod
     def from_pretrained(cls, model_name, fold_ln: bool = True, center_writing_weights: bool = True,

@@ -14,7 +14,6 @@ Models other than lens models run TransformerLens's loop (one full forward per p
 import hashlib
 import itertools
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -280,25 +279,10 @@ def _setter_axes(setter) -> Optional[tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------- names and checks
-_TL_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
-               "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}
-_LAYER_TYPES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
-
-
 def _act_name(name: str, layer: int) -> str:
     """TransformerLens's utils.get_act_name(name, layer): "z", 3 -> "blocks.3.attn.hook_z"."""
-    layer_type = None
-    m = re.match(r"([a-z]+)(\d+)([a-z]?.*)", name)
-    if m is not None:
-        name, layer, layer_type = m.groups(0)
-    name = _TL_ALIASES.get(name, name)
-    if name in ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores"):
-        layer_type = "attn"
-    elif name in ("pre", "post", "mid", "pre_linear"):
-        layer_type = "mlp"
-    elif layer_type in _LAYER_TYPES:
-        layer_type = _LAYER_TYPES[layer_type]
-    return f"blocks.{layer}." + (f"{layer_type}." if layer_type else "") + f"hook_{name}"
+    from lens.tl.utils import get_act_name
+    return get_act_name(name, layer)
 
 
 def _valid_names(model) -> list[str]:
