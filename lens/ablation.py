@@ -2,6 +2,7 @@
 value on other prompts, optionally only for some heads, neurons or positions. Each builder
 returns a (hook_name, hook_fn) pair for model.run_with_hooks(fwd_hooks=[...]) or model.hooks()."""
 
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Optional, Union
 
@@ -11,11 +12,12 @@ from torch import Tensor
 
 from lens import sites
 from lens.cache import ActivationCache, act_name
+from lens.generate import check_seed
+from lens.patching import Prompts, as_tokens
 
 Index = Union[None, int, slice, Sequence[int], Tensor]
 Hook = tuple[str, Callable]
 Means = Union[Tensor, Mapping, ActivationCache]
-
 
 
 def hook_name(name: str, layer: Optional[int] = None) -> str:
@@ -52,18 +54,34 @@ class _Site:
                              "sites are blocks.{l}.mlp.hook_pre, hook_pre_linear and hook_post")
 
 
+def _as_index(idx, what: str) -> Union[slice, Tensor]:
+    """A selection along one axis as a slice, a boolean mask or int64 indices; floats, a bare
+    bool and anything else that is not an index are refused."""
+    if isinstance(idx, slice):
+        return idx
+    try:
+        t = None if isinstance(idx, bool) else idx if isinstance(idx, Tensor) else torch.as_tensor(idx)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or (t.dtype != torch.bool and (t.is_floating_point() or t.is_complex())):
+        raise ValueError(f"{what}s={idx!r}: give an int, a list or 1-D tensor of ints, a slice, "
+                         f"or a boolean mask over the {what}s")
+    return t if t.dtype == torch.bool else t.long()
+
+
 def _axis_mask(idx: Index, size: int, what: str, name: str) -> Tensor:
     """A boolean mask of length `size` selecting `idx` (int, list, slice or 1-D tensor)."""
+    idx = _as_index(idx, what)
     if isinstance(idx, slice):
         mask = torch.zeros(size, dtype=torch.bool)
         mask[idx] = True
         return mask
-    if isinstance(idx, Tensor) and idx.dtype == torch.bool:
+    if idx.dtype == torch.bool:
         if idx.shape != (size,):
             raise ValueError(f"boolean {what} mask has shape {tuple(idx.shape)}, but {name!r} has "
                              f"{size} {what}s")
         return idx.cpu()
-    ids = torch.as_tensor(idx, dtype=torch.long).cpu().reshape(-1)
+    ids = idx.cpu().reshape(-1)
     bad = ids[(ids < -size) | (ids >= size)]
     if bad.numel():
         raise ValueError(f"{what} {bad.tolist()} out of range for {name!r}, which has {size} "
@@ -106,8 +124,11 @@ def _selection(site: _Site, act: Tensor, heads: Index, neurons: Index,
 class _Ablation:
     """A hook function replacing the selected part of an activation by `replacement(act)`."""
 
-    def __init__(self, kind: str, name: str, replacement: Callable, heads: Index, neurons: Index,
-                 positions: Index):
+    def __init__(self, kind: str, name: str, replacement: Callable, heads, neurons, positions):
+        """heads, neurons, positions: Index selections, their types checked here."""
+        for idx, what in ((heads, "head"), (neurons, "neuron"), (positions, "position")):
+            if idx is not None:
+                _as_index(idx, what)  # the types now; the ranges when the activation is seen
         self.kind, self.site, self.replacement = kind, _Site(name), replacement
         self.site.check(heads, neurons)
         self.heads, self.neurons, self.positions = heads, neurons, positions
@@ -184,13 +205,14 @@ def mean_ablate(name: str, layer: Optional[int] = None, *, means: Means, heads: 
 
 
 @torch.no_grad()
-def mean_activations(model, tokens: Int[Tensor, "batch pos"], names,
+def mean_activations(model, tokens: Prompts, names,
                      batch_size: int = 32, over_positions: bool = False) -> dict[str, Tensor]:
     """Mean of each selected activation over the batch of `tokens` (and over positions when
     over_positions), run `batch_size` prompts at a time: a dict hook name -> mean, as
-    mean_ablate(means=...) takes it. `names` is what run_with_cache's names_filter takes."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    mean_ablate(means=...) takes it. `names` is what run_with_cache's names_filter takes;
+    `tokens` what lens.patching.as_tokens takes (tokens, lists of ids, strings)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
     names = model.hook_names_matching(names)
     if over_positions:
         bad = [n for n in names if "key_pos" in sites.axes(n)]
@@ -199,7 +221,7 @@ def mean_activations(model, tokens: Int[Tensor, "batch pos"], names,
                              "which mixes rows of different lengths; use per-position means")
     sums: dict[str, Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
-    tokens = model.check_tokens(tokens)
+    tokens = as_tokens(model, tokens)
     for chunk in tokens.split(batch_size):
         _, cache = model.run_with_cache(chunk, names_filter=names, stop_at_layer="auto")
         for n in names:
@@ -218,7 +240,7 @@ def resample_indices(n: int, n_source: int, seed: int = 0) -> Int[Tensor, "n"]:
     when n > n_source. Deterministic in `seed`."""
     if n_source < 1:
         raise ValueError("resampling needs at least one source prompt")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed, optional=False))
     perm = torch.randperm(n_source, generator=g)
     nxt = torch.empty_like(perm)
     nxt[perm] = perm.roll(-1)
@@ -235,6 +257,7 @@ def resample_ablate(name: str, layer: Optional[int] = None, *, source: Union[Ten
     [n_source, ...] themselves, or source tokens [n_source, pos] together with model= (run
     once, now, caching only this hook point)."""
     name = hook_name(name, layer)
+    check_seed(seed, optional=False)
     if isinstance(source, Tensor) and not source.is_floating_point():
         if model is None:
             raise ValueError("source= is a token tensor: pass model= too, or pass an "
@@ -261,14 +284,29 @@ def resample_ablate(name: str, layer: Optional[int] = None, *, source: Union[Ten
     return name, _Ablation("resample", name, replacement, heads, neurons, positions)
 
 
+def _layer_head(pair) -> tuple[int, int]:
+    """A (layer, head) pair of ints (a tuple, a list or a 1-D integer tensor of two)."""
+    try:
+        l, h = pair
+        if any(isinstance(i, bool) or (isinstance(i, Tensor) and i.dtype == torch.bool) for i in (l, h)):
+            raise TypeError
+        return operator.index(l), operator.index(h)
+    except (TypeError, ValueError):
+        raise ValueError(f"layer_heads entry {pair!r} is not a (layer, head) pair of ints; "
+                         "layer_heads is a list of them, e.g. [(0, 1), (1, 0)]") from None
+
+
 def ablate_heads(layer_heads: Iterable[tuple[int, int]], how: str = "zero", *,
                  site: str = "z", means: Optional[Means] = None, source=None, model=None,
                  seed: int = 0, positions: Index = None) -> list[Hook]:
     """Hooks knocking out several heads given as (layer, head) pairs, one hook per layer, on
     `site` (z by default): how = "zero" | "mean" (with means=) | "resample" (with source=)."""
+    if positions is not None:
+        _as_index(positions, "position")
     by_layer: dict[int, list[int]] = {}
-    for l, h in layer_heads:
-        by_layer.setdefault(int(l), []).append(int(h))
+    for pair in layer_heads:
+        l, h = _layer_head(pair)
+        by_layer.setdefault(l, []).append(h)
     if how == "resample" and isinstance(source, Tensor) and not source.is_floating_point():
         if model is None:
             raise ValueError("source= is a token tensor: pass model= too")

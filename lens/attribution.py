@@ -14,6 +14,7 @@ from torch import Tensor
 from lens import sites
 from lens.cache import ActivationCache
 from lens.components import softcap
+from lens.patching import Prompts, as_tokens
 
 Tokens = Union[int, str, Sequence, Tensor]
 Pos = Union[int, Tensor]
@@ -40,9 +41,21 @@ def logit_diff_direction(model, answer_tokens: Tokens,
     return model.logit_direction(ans, wrong)
 
 
-def _pos_index(pos: Pos, batch: int, n_pos: int, device) -> Int[Tensor, "batch"]:
+def _ints(x, what: str, device=None) -> Int[Tensor, "n"]:
+    """An int, a list of ints or an integer tensor as a flat int64 tensor; floats and bools are
+    refused rather than truncated."""
+    try:
+        t = None if isinstance(x, bool) else torch.as_tensor(x, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"{what}={x!r} must be an int, a list of ints or an integer tensor")
+    return t.long().reshape(-1)
+
+
+def _pos_index(pos, batch: int, n_pos: int, device) -> Int[Tensor, "batch"]:
     """One position per prompt: an int for all prompts or a [batch] tensor."""
-    p = torch.as_tensor(pos, dtype=torch.long, device=device).reshape(-1)
+    p = _ints(pos, "pos", device)
     if p.numel() == 1:
         p = p.expand(batch)
     if p.shape != (batch,):
@@ -253,7 +266,7 @@ class LogitLens:
                      ) -> tuple[Int[Tensor, "layer batch"], Float[Tensor, "layer batch"]]:
         """(rank, probability) of each prompt's answer token after each layer; rank 0 = top."""
         n_layer, batch, d_vocab = self.log_probs.shape
-        ids = torch.as_tensor(answer_tokens, dtype=torch.long, device=self.log_probs.device).reshape(-1)
+        ids = _ints(answer_tokens, "answer_tokens", self.log_probs.device)
         if ids.numel() not in (1, batch) or ((ids < 0) | (ids >= d_vocab)).any():
             raise ValueError(f"answer_tokens {ids.tolist()} must be one id in [0, {d_vocab}) "
                              f"or one per prompt ({batch})")
@@ -277,18 +290,20 @@ class LogitLens:
 
 @torch.no_grad()
 def logit_lens(model, cache: Optional[ActivationCache] = None, pos: Pos = -1,
-               tokens: Optional[Int[Tensor, "batch pos"]] = None,
+               tokens: Optional[Prompts] = None,
                freeze_scale: bool = False) -> LogitLens:
     """Unembed the stream entering each block and the final stream at `pos`: log-probs
     [n_layers + 1, batch, d_vocab]. By default each stream goes through the real final
     LayerNorm (its own scale); freeze_scale=True divides by the final stream's cached scale
-    instead. The last row equals the model's own log-probs. Give a cache, or tokens to run."""
+    instead. The last row equals the model's own log-probs. Give a cache, or tokens to run
+    (whatever lens.patching.as_tokens takes: a tensor, lists of ids, strings of one length)."""
     cfg, L = model.cfg, model.cfg.n_layers
     names = [sites.name("resid_pre", l) for l in range(L)] + [sites.name("resid_post", L - 1)]
     if cache is None:
         if tokens is None:
             raise ValueError("logit_lens needs a cache or tokens=")
         need = names + (["ln_final.hook_scale"] if freeze_scale and cfg.normalization else [])
+        tokens = as_tokens(model, tokens)
         _, cache = model.run_with_cache(tokens, names_filter=need, stop_at_layer="auto")
     resid = _final_stream(model, cache)
     pidx = _pos_index(pos, resid.shape[0], resid.shape[1], resid.device)

@@ -12,6 +12,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from lens import io, sites
+from lens.hooks import check_incl_bwd
+from lens.patterns import RECORDERS, LazyPattern
 
 @runtime_checkable
 class SliceLike(Protocol):
@@ -30,7 +32,7 @@ def act_name(name: str, layer: Optional[int] = None, layer_type: Optional[str] =
     return sites.name(name, layer, layer_type, n_layers)
 
 
-def pos_index(pos_slice: PosSlice):
+def pos_index(pos_slice: object):
     """An index for one axis: int (drops the axis, as TransformerLens), slice, list of ints, or
     a TransformerLens Slice (lens.tl.utils.Slice, or TransformerLens's own)."""
     if isinstance(pos_slice, SliceLike):
@@ -45,6 +47,9 @@ def pos_index(pos_slice: PosSlice):
         raise TypeError("a position index cannot be a boolean mask; give the positions as ints")
     if isinstance(pos_slice, tuple) and len(pos_slice) in (2, 3):
         return slice(*pos_slice)
+    if isinstance(pos_slice, (str, bytes, float, complex)):
+        raise TypeError(f"a position index must be an int, a slice, a list of ints or a tensor of "
+                        f"ints, got {type(pos_slice).__name__} {pos_slice!r:.60}")
     idx = torch.as_tensor(pos_slice)
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise TypeError(f"positions must be ints, got {pos_slice!r:.60} ({idx.dtype}); a float "
@@ -56,16 +61,24 @@ def _pos_dim(name: str) -> int:
     return sites.pos_axis(name)
 
 
-def _index_dim(t: Tensor, dim: int, idx) -> Tensor:
+def _index_dim(t: Union[Tensor, LazyPattern], dim: int, idx, what: str = "pos_slice", name: str = ""
+               ) -> Union[Tensor, LazyPattern]:
     if isinstance(idx, slice) and idx == slice(None):
         return t
-    return t[(slice(None),) * dim + (idx.to(t.device) if isinstance(idx, Tensor) else idx,)]
+    if isinstance(t, LazyPattern) and dim == 0:
+        return t.batch_rows(idx)
+    try:
+        return t[(slice(None),) * dim + (idx.to(t.device) if isinstance(idx, Tensor) else idx,)]
+    except IndexError:
+        shown = idx.tolist() if isinstance(idx, Tensor) else idx
+        raise IndexError(f"{what}={shown!r} is out of range for the {t.shape[dim]} positions of "
+                         f"{name or 'the activation'} (valid: -{t.shape[dim]} to {t.shape[dim] - 1})") from None
 
 
 def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool = False,
                    remove_batch_dim: bool = False, pos_slice: PosSlice = None,
                    stop_at_layer=None, reset_hooks_end: bool = True, clear_contexts: bool = False,
-                   return_cache_object: bool = True, **kwargs):
+                   return_cache_object: bool = True, lazy_patterns: bool = False, **kwargs):
     """Run the model and return (output, ActivationCache) of the hook points `names_filter`
     selects (a name, a list, a predicate). With none, every hook point but the per-head
     expansions (hook_result, hook_q/k/v_input) and hook_mlp_in, as TransformerLens caches by
@@ -78,7 +91,12 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
     output is then None unless the final LayerNorm or logits are asked for).
     reset_hooks_end / clear_contexts: as in model.hooks (TransformerLens's keywords);
     return_cache_object=False returns a plain dict of the tensors instead of the cache.
+    lazy_patterns=True caches each hook_pattern as a lens.patterns.LazyPattern: the layer's
+    queries and keys, O(pos · d_head), from which the rows asked for are computed when read
+    (the forward stays on the fused kernel); where hooks changed a pattern it is stored as
+    they left it.
     """
+    check_incl_bwd(incl_bwd)
     if names_filter is None and hasattr(model, "default_cache_names"):
         names = model.default_cache_names()
     else:
@@ -95,7 +113,7 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
     async_copy = [False]
 
     def keep(x: Tensor, name: str) -> Tensor:
-        x = _index_dim(x.detach(), _pos_dim(name), idx)
+        x = _index_dim(x.detach(), _pos_dim(name), idx, "pos_slice", name)
         if remove_batch_dim:
             if x.shape[0] != 1:
                 raise ValueError(f"remove_batch_dim=True needs batch size 1, got {x.shape[0]}")
@@ -108,12 +126,59 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
     def save(x: Tensor, hook) -> None:
         store[hook.name] = keep(x, hook.name)
 
+    save.reads_only = True  # the activation needs no copy under autograd
+
     def save_grad(g: Tensor, hook) -> None:
         store[hook.name + "_grad"] = keep(g, hook.name)
 
+    recorders = {}
+    if lazy_patterns:
+        lazy = [n for n in names if n.endswith("attn.hook_pattern")]
+        names = [n for n in names if n not in lazy]
+        recorders = {}
+        for n in lazy:
+            attn = model.get_submodule(n.rsplit(".", 1)[0])
+            recorders[attn] = _pattern_recorder(store, n, attn, keep, idx, remove_batch_dim, dev)
     bwd = [(names, save_grad)] if incl_bwd else []
-    with model.hooks(fwd_hooks=[(names, save)], bwd_hooks=bwd, reset_hooks_end=reset_hooks_end,
-                     clear_contexts=clear_contexts):
+    outer = RECORDERS.get()
+    token = RECORDERS.set({**outer, **recorders} if outer else recorders) if recorders else None
+    try:
+        out = _cached_forward(model, args, kwargs, names, save, bwd, reset_hooks_end,
+                              clear_contexts, auto, stop_at_layer, incl_bwd)
+    finally:
+        if token is not None:
+            RECORDERS.reset(token)
+    if async_copy[0]:
+        torch.cuda.synchronize()
+    if not return_cache_object:
+        return out, store
+    return out, ActivationCache(store, model, has_batch_dim=not remove_batch_dim,
+                                pos_sliced=pos_slice is not None)
+
+
+def _pattern_recorder(store: dict, name: str, attn, keep, idx, remove_batch_dim: bool, dev):
+    """What a lazy cache stores for `name` when its attention layer `attn` runs."""
+    def record(q: Tensor, k: Tensor, mask: Optional[Tensor], pattern: Optional[Tensor]) -> None:
+        if pattern is not None:  # hooks changed it: keep the pattern as they left it
+            store[name] = keep(pattern, name)
+            return
+        if remove_batch_dim and q.shape[0] != 1:
+            raise ValueError(f"remove_batch_dim=True needs batch size 1, got {q.shape[0]}")
+        rows = _index_dim(torch.arange(q.shape[1], device=q.device), 0, idx, "pos_slice", name)
+        rows = rows.reshape(-1)
+        move = (lambda t: t) if dev is None else (lambda t: None if t is None else t.to(dev))
+        lazy = LazyPattern(move(q.detach().index_select(1, rows)), move(k.detach()), move(mask),
+                           attn.scale, attn.softcap, move(rows), n_call_queries=q.shape[1],
+                           has_batch_dim=not remove_batch_dim)
+        # an int position (a Slice of one) drops the query axis: that one row, computed now
+        store[name] = lazy.tensor().select(-2, 0) if isinstance(idx, int) else lazy
+    return record
+
+
+def _cached_forward(model, args, kwargs, names, save, bwd, reset_hooks_end, clear_contexts,
+                    auto, stop_at_layer, incl_bwd):
+    with model.hooks(fwd_hooks=[(names, save)] if names else [], bwd_hooks=bwd,
+                     reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
         if auto and stop_at_layer is not None:
             model(*args, stop_at_layer=stop_at_layer, **kwargs)
             out = None
@@ -125,12 +190,7 @@ def run_with_cache(model, *args, names_filter=None, device=None, incl_bwd: bool 
                                  "scalar: use return_type='loss' or cache gradients of a metric "
                                  "with bwd_hooks")
             out.backward()
-    if async_copy[0]:
-        torch.cuda.synchronize()
-    if not return_cache_object:
-        return out, store
-    return out, ActivationCache(store, model, has_batch_dim=not remove_batch_dim,
-                                pos_sliced=pos_slice is not None)
+    return out
 
 
 def _last_block_needed(names: list[str], n_layers: int) -> Optional[int]:
@@ -149,7 +209,7 @@ class ActivationCache(Mapping):
     """Cached activations keyed by hook name; also cache["pattern", 0], cache["resid_post", -1],
     cache["z", 2, "attn"], cache["scale"] (the final LayerNorm)."""
 
-    def __init__(self, cache_dict: dict[str, Tensor], model, has_batch_dim: bool = True,
+    def __init__(self, cache_dict: dict[str, Union[Tensor, LazyPattern]], model, has_batch_dim: bool = True,
                  pos_sliced: bool = False):
         self.cache_dict = cache_dict
         self.model = model
@@ -162,7 +222,7 @@ class ActivationCache(Mapping):
             return act_name(*key, n_layers=self.model.cfg.n_layers)
         return act_name(key)
 
-    def __getitem__(self, key) -> Tensor:
+    def __getitem__(self, key) -> Union[Tensor, LazyPattern]:
         name = self._key(key)
         try:
             return self.cache_dict[name]
@@ -176,6 +236,15 @@ class ActivationCache(Mapping):
             raise KeyError(f"{name!r} is not in the cache (it holds {len(self.cache_dict)} "
                            f"activations{'; nearest: ' + str(near) if near else ''}); "
                            f"include it in run_with_cache's names_filter{why}") from None
+
+    def pattern(self, layer: int, head=None, query=None, batch=None) -> Tensor:
+        """Layer `layer`'s attention pattern at the given batch rows, heads and query positions
+        (each None for all, an int, which drops the axis as indexing does, a slice or ints):
+        ``cache.pattern(3, head=5, query=-1) == cache["pattern", 3][:, 5, -1]``. From a lazy
+        cache (run_with_cache(lazy_patterns=True)) only these rows are computed."""
+        index = tuple(slice(None) if i is None else i
+                      for i in ((batch,) if self.has_batch_dim else ()) + (head, query))
+        return self["pattern", layer][index]
 
     def __contains__(self, key) -> bool:
         try:
@@ -204,7 +273,7 @@ class ActivationCache(Mapping):
             if v.shape[0] != 1:
                 raise ValueError(f"cannot remove the batch dim: {k} has batch size {v.shape[0]}")
         for k in list(self.cache_dict):
-            self.cache_dict[k] = self.cache_dict[k][0]
+            self.cache_dict[k] = _index_dim(self.cache_dict[k], 0, 0)
         self.has_batch_dim = False
         return self
 
@@ -230,7 +299,9 @@ class ActivationCache(Mapping):
     def nbytes(self) -> int:
         """Bytes held by the cached tensors (each storage counted once)."""
         seen, total = set(), 0
-        for t in self.cache_dict.values():
+        tensors = [t for v in self.cache_dict.values()
+                   for t in ((v.q, v.k) if isinstance(v, LazyPattern) else (v,))]
+        for t in tensors:
             s = t.untyped_storage()
             if s.data_ptr() not in seen:
                 seen.add(s.data_ptr())
@@ -238,20 +309,26 @@ class ActivationCache(Mapping):
         return total
 
     def save(self, path) -> None:
-        """Save as safetensors (metadata records whether a batch dim is present)."""
-        io.write(self.cache_dict, path, metadata={"has_batch_dim": str(self.has_batch_dim),
-                                                  "pos_sliced": str(self.pos_sliced)})
+        """Save as safetensors; the metadata records whether a batch dim is present and the
+        shape of the model (n_layers, d_model, n_heads, ...), which `load` checks."""
+        tensors = {k: v.tensor() if isinstance(v, LazyPattern) else v for k, v in self.cache_dict.items()}
+        io.write(tensors, path, metadata={"has_batch_dim": str(self.has_batch_dim),
+                                          "pos_sliced": str(self.pos_sliced),
+                                          **(io.model_metadata(self.model.cfg)
+                                             if self.model is not None else {})})
 
     @classmethod
     def load(cls, path, model) -> "ActivationCache":
+        """A saved cache, for `model`: refused (never unpickled) unless it is a valid
+        safetensors file of hook points of a model of this one's shape."""
         f = io.SafetensorsFile(path)
-        meta, tensors = f.metadata, f.read_all()
-        unknown = [k for k in tensors if k.removesuffix("_grad") not in model.hook_dict]
+        flags = f.flag("has_batch_dim", True), f.flag("pos_sliced", False)
+        unknown = [k for k in f.keys() if k.removesuffix("_grad") not in model.hook_dict]
         if unknown:
             raise ValueError(f"{path} holds activations {unknown[:5]} that are not hook points of "
                              "this model; load it with the model it was cached from")
-        return cls(tensors, model, meta.get("has_batch_dim", "True") == "True",
-                   meta.get("pos_sliced", "False") == "True")
+        f.check_model(model.cfg)  # the same hook points, on a model of another width
+        return cls(f.read_all(), model, *flags)
 
     # ------------------------------------------------------------------ structure
     def _layer(self, layer: Optional[int]) -> int:

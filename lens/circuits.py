@@ -13,6 +13,8 @@ from torch import Tensor
 from lens import sites
 from lens.cache import ActivationCache
 from lens.factored import FactoredMatrix
+from lens.generate import check_seed
+from lens.patching import Prompts, as_tokens
 
 KINDS = ("q", "k", "v")
 Target = Union[Tensor, Callable]
@@ -79,7 +81,7 @@ def random_composition_baseline(model, kind: str = "q", n_samples: int = 1000,
     if n_samples < 1:
         raise ValueError(f"n_samples={n_samples} must be >= 1")
     d, e = model.cfg.d_model, model.cfg.d_head
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed, optional=False))
     dtype = _float(model.W_E[:1]).dtype
     out = []
     for start in range(0, n_samples, 64):
@@ -121,15 +123,16 @@ def _add_scores(patterns: list, target: Tensor, total: Tensor) -> int:
 
 
 @torch.no_grad()
-def detect_head(model, tokens: Union[Int[Tensor, "batch pos"], ActivationCache], pattern: Target,
+def detect_head(model, tokens: Union[Prompts, ActivationCache], pattern: Target,
                 batch_size: int = 32) -> Float[Tensor, "n_layers n_heads"]:
     """How closely each head attends as `pattern` says: its attention mass on the target
     entries, averaged over the query rows that have a target (1.0: all of the mass, always).
 
     pattern: a [query_pos, key_pos] or [batch, query_pos, key_pos] mask (0/1, or weights in
     [0, 1]), or a function tokens [b, pos] -> such a mask. `tokens` may instead be a cache
-    holding every layer's hook_pattern (then pattern must be a tensor). Only the patterns are
-    cached, `batch_size` prompts at a time."""
+    holding every layer's hook_pattern (then pattern must be a tensor); tokens are whatever
+    lens.patching.as_tokens takes (a tensor, lists of ids, strings of one token length). Only
+    the patterns are cached, `batch_size` prompts at a time."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     total = torch.zeros(L, H, dtype=torch.float64)
     names = _pattern_names(model)
@@ -144,9 +147,9 @@ def detect_head(model, tokens: Union[Int[Tensor, "batch pos"], ActivationCache],
         total = total.to(pats[0].device)
         rows = _add_scores(pats, _check_target(pattern, batch, n_pos), total)
     else:
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        tokens = model.check_tokens(tokens)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+        tokens = as_tokens(model, tokens)
         n_pos, rows, start = tokens.shape[1], 0, 0
         total = total.to(tokens.device)
         full = None if callable(pattern) else _check_target(pattern, tokens.shape[0], n_pos)
@@ -190,24 +193,28 @@ def repeated_tokens(model, seq_len: Optional[int] = None, batch: int = 8,
     if not 2 <= seq_len <= model.cfg.n_ctx // 2:
         raise ValueError(f"seq_len={seq_len}: the repeated sequence (2 × seq_len) must fit "
                          f"n_ctx={model.cfg.n_ctx}, and seq_len must be >= 2")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_seed(seed, optional=False))
     half = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=g)
     return half.repeat(1, 2).to(model.W_E.device)
 
 
-def previous_token_scores(model, tokens: Union[Int[Tensor, "batch pos"], ActivationCache],
+def previous_token_scores(model, tokens: Union[Prompts, ActivationCache],
                           batch_size: int = 32) -> Float[Tensor, "n_layers n_heads"]:
     """Mean attention from each position to the one before it (tokens, or a cache of patterns)."""
-    n_pos = (tokens[_pattern_names(model)[0]].shape[-1] if isinstance(tokens, ActivationCache)
-             else tokens.shape[-1])
+    if isinstance(tokens, ActivationCache):
+        n_pos = tokens[_pattern_names(model)[0]].shape[-1]
+    else:
+        tokens = as_tokens(model, tokens)
+        n_pos = tokens.shape[-1]
     return detect_head(model, tokens, previous_token_pattern(n_pos), batch_size)
 
 
-def duplicate_token_scores(model, tokens: Int[Tensor, "batch pos"],
+def duplicate_token_scores(model, tokens: Prompts,
                            cache: Optional[ActivationCache] = None,
                            batch_size: int = 32) -> Float[Tensor, "n_layers n_heads"]:
     """Mean attention to earlier copies of the current token, over rows that have one (the
     tokens are needed to find the copies; a cache of their patterns saves the forward)."""
+    tokens = as_tokens(model, tokens)
     if cache is not None:
         return detect_head(model, cache, duplicate_token_pattern(tokens), batch_size)
     return detect_head(model, tokens, duplicate_token_pattern, batch_size)
@@ -217,7 +224,7 @@ def induction_scores(model, seq_len: Optional[int] = None, batch: int = 8, seed:
                      batch_size: int = 32) -> Float[Tensor, "n_layers n_heads"]:
     """Mean attention, over the second copy of repeated random tokens, to the token after the
     previous occurrence of the current token (see repeated_tokens, induction_pattern)."""
-    tokens = repeated_tokens(model, seq_len, batch, seed)
+    tokens = repeated_tokens(model, seq_len, batch, check_seed(seed, optional=False))
     return detect_head(model, tokens, induction_pattern(tokens.shape[1] // 2), batch_size)
 
 

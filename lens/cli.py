@@ -6,8 +6,61 @@ model's hook points with their shapes."""
 
 import argparse
 import sys
+from typing import Optional
 
 import torch
+
+# What lens raises about the user's input: a bad value or an unknown name (ValueError, KeyError)
+# and what the file system refuses (OSError: a missing, unreadable or unwritable path, a full
+# disk, a folder another harvest holds). A command turns these into one line on stderr and exit
+# code 2. On the command line every argument arrives as a string that lens parses and checks, so
+# anything else (TypeError, RuntimeError, ...) is a bug in lens or a failure inside torch, and
+# keeps its traceback.
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def run_command(prog: str, fn, *args) -> int:
+    """fn(*args) -> exit code (None for 0), with lens's errors about the input as
+    `prog: error: message` on stderr and exit code 2."""
+    try:
+        code = fn(*args)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+        return 2
+    return 0 if code is None else code
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])  # str(KeyError) is the repr of its message
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
+
+
+def checked_device(arg: Optional[str]) -> Optional[str]:
+    """A --device value, checked against this machine (None stays None)."""
+    if arg is None:
+        return None
+    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] \
+        + (["mps"] if torch.backends.mps.is_available() else [])
+    try:
+        d = torch.device(arg)
+    except RuntimeError:
+        d = None
+    if d is None or d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {arg!r} is not a device; valid: cpu, cuda, cuda:N, mps "
+                         f"(this machine has {', '.join(here)})")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {arg!r}: CUDA is not available on this machine "
+                         f"(valid here: {', '.join(here)})")
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {arg!r}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"devices (valid here: {', '.join(here)})")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {arg!r}: MPS is not available on this machine "
+                         f"(valid here: {', '.join(here)})")
+    return arg
 
 
 def demo(args) -> None:
@@ -41,13 +94,10 @@ def demo(args) -> None:
 def dissect(args) -> None:
     from lens.dissect import dissect as run, load_model
 
-    try:
-        model = load_model(args.model)
-        result = run(model, args.text, layer=args.layer, head=args.head, top_k=args.top_k,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     seed=args.seed, plot_dir=args.plot, model_name=args.model)
-    except ValueError as e:
-        raise SystemExit(f"lens dissect: {e}") from None
+    model = load_model(args.model)
+    result = run(model, args.text, layer=args.layer, head=args.head, top_k=args.top_k,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 seed=args.seed, plot_dir=args.plot, model_name=args.model)
     print(result)
     if args.plot is not None:
         print(f"\nfigures written to {args.plot}")
@@ -59,12 +109,8 @@ def check(args) -> int:
 
     load = (lens.HookedGPT.from_pretrained_no_processing if args.no_processing
             else lens.HookedGPT.from_pretrained)
-    try:
-        model = load(args.path, dtype=args.dtype, device=args.device)
-        report = run(model, args.path, prompts=args.prompts, log_prob_tol=args.log_prob_tol)
-    except ValueError as e:
-        print(f"lens check: {e}", file=sys.stderr)
-        return 2
+    model = load(args.path, dtype=args.dtype, device=checked_device(args.device))
+    report = run(model, args.path, prompts=args.prompts, log_prob_tol=args.log_prob_tol)
     print(report)
     return 0 if report.ok else 1
 
@@ -108,8 +154,7 @@ def main(argv=None) -> int:
                    "1e-4 for float32)")
     p.set_defaults(fn=check)
     args = parser.parse_args(argv)
-    code = args.fn(args)
-    return 0 if code is None else code
+    return run_command(f"lens {args.command}", args.fn, args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lens.config import GPTConfig
 from lens.hooks import HookPoint
+from lens.patterns import RECORDERS, softmax_rows
 
 _ACT = {
     "gelu": F.gelu,
@@ -432,14 +433,21 @@ class Attention(nn.Module):
         if past_kv is not None:
             k, v = past_kv.append(k, v)
         mask = run.mask_for(q.shape[1], k.shape[1], self.window, q.device)
-        if self.softcap is not None:
-            z = self.materialised(q, k, v, mask)
-        elif self.hook_attn_scores.active or self.hook_pattern.active:
+        recorders = RECORDERS.get()
+        record = recorders.get(self) if recorders else None
+        if self.softcap is not None or self.hook_attn_scores.active or self.hook_pattern.active:
             pattern, kept = self.hooked_pattern(q, k, mask)
-            z = _choose(kept, lambda: self.fused(q, k, v, mask), lambda: self.mix(pattern, v),
-                        pattern.requires_grad)
+            if self.softcap is not None:
+                z = self.mix(pattern, v)
+            else:
+                z = _choose(kept, lambda: self.fused(q, k, v, mask), lambda: self.mix(pattern, v),
+                            pattern.requires_grad)
+            if record is not None:  # what a lazy cache reads: the queries and keys, or the
+                record(q, k, mask, None if kept else pattern)  # pattern hooks changed
         else:
             z = self.fused(q, k, v, mask)
+            if record is not None:
+                record(q, k, mask, None)
         z = self.hook_z.run(z)
         if not self.hook_result.active:
             return self.out(z)
@@ -463,9 +471,6 @@ class Attention(nn.Module):
         out = result.sum(2)
         return out if self.b_O is None else out + self.b_O
 
-    def materialised(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Float[Tensor, "batch query_pos n_heads d_head"]:
-        return self.mix(self.hooked_pattern(q, k, mask)[0], v)
-
     def hooked_pattern(self, q: Tensor, k: Tensor, mask: Optional[Tensor]
                        ) -> tuple[Float[Tensor, "batch n_heads query_pos key_pos"], bool]:
         """(the pattern as the hooks leave it, whether they kept the scores and the pattern)."""
@@ -476,8 +481,7 @@ class Attention(nn.Module):
         if mask is None:
             mask = _causal(*scores.shape[-2:], q.device)
         scores, kept_scores = _observe(self.hook_attn_scores, scores.masked_fill(~mask, float("-inf")))
-        pattern = torch.softmax(scores.float() if scores.dtype in _HALF else scores, dim=-1)
-        pattern, kept = _observe(self.hook_pattern, pattern.to(q.dtype))
+        pattern, kept = _observe(self.hook_pattern, softmax_rows(scores, q.dtype))
         return pattern, kept_scores and kept
 
     def mix(self, pattern: Tensor, v: Tensor) -> Float[Tensor, "batch query_pos n_heads d_head"]:

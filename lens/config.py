@@ -5,6 +5,7 @@ decide which parts are built. The forward pass never reads a family name."""
 import dataclasses
 import math
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,6 +19,35 @@ ROPE_SCALINGS = {"linear": ("factor",),
                             "original_max_position_embeddings")}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
+
+
+def _type_ok(value, annotation) -> bool:
+    """Whether `value` has a field's annotated type: an int is no bool, a float any finite
+    real number, Optional[X] also None, Any anything."""
+    if annotation is Any:
+        return True
+    if typing.get_origin(annotation) is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(annotation) or annotation)
+
+
+def _type_problems(values: dict) -> list[str]:
+    """Every GPTConfig field in `values` whose value is not of the field's annotated type."""
+    problems = []
+    for f in dataclasses.fields(GPTConfig):
+        value = values.get(f.name)
+        if f.name in values and not _type_ok(value, f.type):
+            kinds = typing.get_args(f.type) if typing.get_origin(f.type) is typing.Union else (f.type,)
+            kind = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+            problems.append(f"{f.name}={shown} must be {kind}")
+    return problems
 
 
 def _scaling_problems(name: str, scaling) -> list[str]:
@@ -115,14 +145,17 @@ class GPTConfig:
             if self.dtype.removeprefix("torch.") not in _DTYPES:
                 raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPES)}")
             self.dtype = _DTYPES[self.dtype.removeprefix("torch.")]
+        if isinstance(self.windowed_layers, list):  # JSON has no tuples
+            self.windowed_layers = tuple(self.windowed_layers)
+        problems = _type_problems({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if problems:  # before anything below computes with a value of the wrong type
+            raise ValueError("invalid GPTConfig: " + "; ".join(problems))
         if self.d_head is None and self.n_heads > 0 and self.d_model % self.n_heads == 0:
             self.d_head = self.d_model // self.n_heads
         if self.d_mlp is None and not self.attn_only:
             self.d_mlp = 4 * self.d_model
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.windowed_layers is not None:
-            self.windowed_layers = tuple(self.windowed_layers)
         if self.attn_scale is None and isinstance(self.d_head, int) and self.d_head > 0:
             self.attn_scale = math.sqrt(self.d_head)  # TransformerLens's default, stated
         self._model = None  # the model built on this config (see HookedGPT), for cfg.device
@@ -331,12 +364,23 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict):
+            raise ValueError(f"a GPTConfig is read from a dict (a JSON object) of its fields, not "
+                             f"a {type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown GPTConfig fields {unknown}; valid fields are {sorted(known)}")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ValueError(f"GPTConfig fields {missing} are missing")
         if isinstance(d.get("windowed_layers"), list):  # JSON has no tuples
             d = {**d, "windowed_layers": tuple(d["windowed_layers"])}
+        problems = _type_problems(d)
+        if problems:
+            raise ValueError("invalid GPTConfig: " + "; ".join(problems))
         return cls(**d)
 
     def to_json(self) -> str:

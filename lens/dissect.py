@@ -106,7 +106,8 @@ def dissect(model, text: str, *, layer: Optional[int] = None, head: Optional[int
         if l in layers:
             names.add(sites.name("pattern", l))
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=sorted(names), device="cpu")
+        logits, cache = model.run_with_cache(tokens, names_filter=sorted(names), device="cpu",
+                                             lazy_patterns=True)
 
     def norm(name: str) -> Tensor:
         return cache[name][0].float().norm(dim=-1)

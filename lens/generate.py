@@ -4,9 +4,11 @@ positions; also a streaming form that yields each step's new tokens. Transformer
 (do_sample, return_type, output_logits, use_past_kv_cache, verbose) and its KV cache
 (init_cache, freeze) are accepted as they are there."""
 
+import operator
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -15,6 +17,8 @@ from tqdm.auto import tqdm
 from lens.components import KVCacheEntry, padding_mask
 
 Input = Union[str, list[str], Int[Tensor, "batch pos"], Int[Tensor, " pos"]]
+EosIds = Union[int, str, Sequence[Union[int, str]], Tensor, None]  # ids or one-token strings
+Mask = Union[Tensor, np.ndarray, list, None]  # [batch, pos]: 1 or True at real tokens
 
 
 class CacheEntry(KVCacheEntry):
@@ -135,17 +139,24 @@ class KVCache:
         return padding_mask(am, past)
 
 
-def sample(logits: Float[Tensor, "batch d_vocab"], temperature: Union[int, float] = 1.0,
+def sample(logits: Tensor, temperature: Union[int, float] = 1.0,
            top_k: Optional[int] = None, top_p: Union[int, float, None] = None,
            generator: Optional[torch.Generator] = None, freq_penalty: Union[int, float] = 0.0,
            counts: Optional[Float[Tensor, "batch d_vocab"]] = None) -> Int[Tensor, " batch"]:
-    """One token per row: argmax when temperature is 0, else a draw from softmax(logits / T
-    − freq_penalty · counts) (counts: how often each token occurred so far, as
-    TransformerLens's frequency penalty) restricted to the top_k most likely tokens and to the
-    smallest set with mass >= top_p."""
+    """One token per row of logits [batch, d_vocab]: argmax when temperature is 0, else a draw
+    from softmax(logits / T − freq_penalty · counts) (counts: how often each token occurred so
+    far, as TransformerLens's frequency penalty) restricted to the top_k most likely tokens and
+    to the smallest set with mass >= top_p. A row holding NaN, +inf (when sampling) or only
+    -inf has no next token and is refused."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be [batch, d_vocab], one row per prompt, got {got} (for "
+                         "a model's output [batch, pos, d_vocab] take a position: logits[:, -1])")
     _check_sampling(temperature, top_k, top_p, freq_penalty)
     if temperature == 0:
+        _check_rows(logits, logits.isnan().any(-1) | logits.isneginf().all(-1), "chosen")
         return logits.argmax(-1)
+    raw = logits
     logits = logits.float() / temperature
     if freq_penalty:
         if counts is None:
@@ -160,7 +171,29 @@ def sample(logits: Float[Tensor, "batch d_vocab"], temperature: Union[int, float
         drop = probs.cumsum(-1) - probs >= top_p  # the more likely tokens already hold top_p
         drop[:, 0] = False
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    probs = logits.softmax(-1)  # NaN in a row of NaN, +inf or only -inf
+    _check_rows(raw, probs.isnan().any(-1), "drawn", temperature)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_rows(logits: Float[Tensor, "batch d_vocab"], bad: Tensor, how: str,
+                temperature=None) -> None:
+    """Refuse the rows marked bad, saying what their logits hold (one host sync)."""
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero()[:, 0].tolist()
+    row = logits[rows[0]]
+    if bool(row.isnan().any()):
+        what = "NaN"
+    elif bool(row.isposinf().any()):
+        what = "+inf (softmax is undefined; to force a token set the others to -inf)"
+    elif bool(row.isneginf().all()):
+        what = "-inf at every token"
+    else:
+        what = f"values that overflow when divided by temperature={temperature!r}"
+    raise ValueError(f"no next token can be {how} for row(s) {rows} of the batch: the logits of "
+                     f"row {rows[0]} hold {what}. Check the hooks that edit the stream or "
+                     "hook_logits; a masked token's logit is -inf, with at least one finite left")
 
 
 def _check_sampling(temperature, top_k, top_p, freq_penalty=0.0) -> None:
@@ -173,6 +206,35 @@ def _check_sampling(temperature, top_k, top_p, freq_penalty=0.0) -> None:
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (or None for no top-p)")
     if isinstance(freq_penalty, bool) or not isinstance(freq_penalty, (int, float)) or not freq_penalty >= 0:
         raise ValueError(f"freq_penalty={freq_penalty!r} must be a number >= 0 (0: no penalty)")
+
+
+def check_seed(seed, what: str = "seed", optional: bool = True) -> Optional[int]:
+    """`seed` as an int in the range torch's generators take, [-2**63, 2**64 - 1] (None, where
+    optional, for no seed: torch's global generator)."""
+    if seed is None and optional:
+        return None
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not -2 ** 63 <= value < 2 ** 64:
+        valid = "an int in [-2**63, 2**64 - 1]" + (" or None (no seed)" if optional else "")
+        raise ValueError(f"{what}={seed!r} must be {valid}")
+    return value
+
+
+def _check_hooks(model, fwd_hooks) -> list:
+    """fwd_hooks as a list of (names, fn) pairs, every name checked against the model's hook
+    points now, before any step runs (also when none does)."""
+    hooks = list(fwd_hooks)
+    for entry in hooks:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise ValueError(f"fwd_hooks entry {entry!r} must be a (hook name, function) pair")
+        name, fn = entry
+        model.hook_names_matching(name)
+        if not callable(fn):
+            raise TypeError(f"hook function for {name!r} is not callable: {fn!r}")
+    return hooks
 
 
 def _alias(lens_value, lens_name: str, tl_value, tl_name: str, default):
@@ -201,13 +263,17 @@ def _options(model, temperature, top_k, top_p, do_sample, freq_penalty, use_kv_c
                 prepend_bos=bool(prepend_bos), padding_side="left" if padding_side is None else padding_side)
 
 
-def _prepare(model, input: Input, max_new_tokens: int, attention_mask: Optional[Tensor],
+def _prepare(model, input: Input, max_new_tokens: int, attention_mask: Mask,
              prepend_bos: bool, padding_side: str):
     """Tokens [batch, pos], their mask (None when all real) and what kind of input came in."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r}; valid values are 'left' and 'right'")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+    if isinstance(input, (str, list, tuple)) and attention_mask is not None:
+        raise ValueError("attention_mask is for token input: lens tokenizes a string or a list "
+                         "of strings itself and masks the padding it adds; pass the tokens "
+                         "(model.to_tokens_with_mask) to give your own mask")
     if isinstance(input, str):
         kind, tokens, am = "str", model.to_tokens(input, prepend_bos=prepend_bos), None
     elif isinstance(input, (list, tuple)):
@@ -223,7 +289,8 @@ def _prepare(model, input: Input, max_new_tokens: int, attention_mask: Optional[
                          f"{n + max_new_tokens} exceeds n_ctx={model.cfg.n_ctx}; ask for at most "
                          f"{max(model.cfg.n_ctx - n, 0)} new tokens or shorten the prompt")
     if am is not None:
-        am = am.to(device=tokens.device, dtype=torch.bool)
+        from lens.model import check_mask
+        am = check_mask(am, tokens.device)
         if am.shape != tokens.shape:
             raise ValueError(f"attention_mask has shape {tuple(am.shape)}, expected {tuple(tokens.shape)}")
         if bool(am.all()):
@@ -237,12 +304,15 @@ def _eos_ids(model, stop_at_eos: bool, eos_token_id) -> list[int]:
     if eos_token_id is None:
         tok = getattr(model, "tokenizer", None)
         return [] if tok is None or tok.eos_token_id is None else [tok.eos_token_id]
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < model.cfg.d_vocab]
-    if bad or not ids:
-        raise ValueError(f"eos_token_id={eos_token_id!r}: each must be a token id in [0, "
-                         f"d_vocab={model.cfg.d_vocab})")
-    return ids
+    valid = (f"eos_token_id={eos_token_id!r}: give a token id in [0, d_vocab={model.cfg.d_vocab}), "
+             "a string that is one token of the model's tokenizer, or a list of them")
+    items = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    if any(isinstance(i, bool) or not isinstance(i, (int, str, Tensor)) for i in items):
+        raise ValueError(valid)  # model.token_ids checks the ids, tensors and strings
+    try:
+        return model.token_ids(eos_token_id, "eos_token_id").reshape(-1).tolist()
+    except ValueError as e:
+        raise ValueError(f"{valid} ({e})") from None
 
 
 def _next_token_logits(model, tokens: Int[Tensor, "batch pos"], mask: Optional[Tensor],
@@ -319,10 +389,10 @@ RETURN_TYPES = ("input", "str", "tokens", "tensor")
 def generate(model, input: Input, max_new_tokens: int = 10, temperature: Union[int, float] = 1.0,
              top_k: Optional[int] = None, top_p: Union[int, float, None] = None,
              seed: Optional[int] = None, stop_at_eos: bool = True,
-             eos_token_id: Union[int, Sequence[int], None] = None, use_kv_cache: Optional[bool] = None,
+             eos_token_id: EosIds = None, use_kv_cache: Optional[bool] = None,
              return_cache: bool = False, fwd_hooks=(), progress: Optional[bool] = None,
              prepend_bos: Optional[bool] = None, padding_side: Optional[str] = None,
-             attention_mask: Optional[Tensor] = None, do_sample: Optional[bool] = None,
+             attention_mask: Mask = None, do_sample: Optional[bool] = None,
              freq_penalty: Union[int, float] = 0.0, return_type: str = "input",
              output_logits: bool = False, use_past_kv_cache: Optional[bool] = None,
              verbose: Optional[bool] = None):
@@ -331,8 +401,9 @@ def generate(model, input: Input, max_new_tokens: int = 10, temperature: Union[i
     input: a string (→ string), a list of strings (→ list; padded on `padding_side`, left by
     default, and masked, so each prompt continues as it would alone), or tokens [batch, pos]
     or [pos] (→ tokens [batch, pos + new] or [pos + new]; `attention_mask` marks real tokens of
-    a padded batch). Strings come back without the BOS, the padding, or anything from the first
-    generated EOS on; tokens come back whole, rows that stopped early continued with EOS.
+    a padded batch, and is refused with strings, whose mask lens makes). Strings come back
+    without the BOS, the padding, or anything from the first generated EOS on; tokens come
+    back whole, rows that stopped early continued with EOS.
     return_type="str" or "tokens" asks for the other form, as TransformerLens ("tokens" of a
     string are [1, pos + new]; "str" of tokens is one text per row, special tokens skipped, a
     str for a single row). prepend_bos=None is model.default_prepend_bos.
@@ -342,9 +413,11 @@ def generate(model, input: Input, max_new_tokens: int = 10, temperature: Union[i
     from torch's global generator). do_sample=False is greedy whatever the temperature;
     freq_penalty subtracts freq_penalty × (count of the token so far in the row) from the
     scaled logits when sampling, as TransformerLens. Generation stops when every row has
-    produced an EOS (`eos_token_id`, by default the tokenizer's; with stop_at_eos=False or no
-    EOS known it runs max_new_tokens steps). The KV cache runs each token through the model
-    once; use_kv_cache=False reruns the whole sequence at each step and gives the same tokens.
+    produced an EOS (`eos_token_id`: an id, a string that is one token, or a list of them; by
+    default the tokenizer's; with stop_at_eos=False or no EOS known it runs max_new_tokens
+    steps). A step whose logits hold NaN, or only -inf, is refused, as sampling from +inf is.
+    The KV cache runs each token through the model once; use_kv_cache=False reruns the whole
+    sequence at each step and gives the same tokens.
     return_cache=True returns (output, ActivationCache) of a run_with_cache on the final
     tokens (and mask), under the same hooks. output_logits=True returns a GenerateOutput
     (.sequences, the tokens [batch, pos + new]; .logits, one [batch, d_vocab] per step) in
@@ -377,6 +450,7 @@ def generate(model, input: Input, max_new_tokens: int = 10, temperature: Union[i
     tokens, am, kind = _prepare(model, input, max_new_tokens, attention_mask, opt["prepend_bos"],
                                 opt["padding_side"])
     eos = _eos_ids(model, stop_at_eos, eos_token_id)
+    seed, fwd_hooks = check_seed(seed), _check_hooks(model, fwd_hooks)
     steps = list(_steps(model, tokens, am, max_new_tokens, opt["temperature"], top_k, top_p,
                         seed, eos, opt["use_kv_cache"], fwd_hooks, opt["progress"], freq_penalty))
     new = [t for t, _ in steps]
@@ -397,9 +471,9 @@ def generate(model, input: Input, max_new_tokens: int = 10, temperature: Union[i
 def stream(model, input: Input, max_new_tokens: int = 10, temperature: Union[int, float] = 1.0,
            top_k: Optional[int] = None, top_p: Union[int, float, None] = None,
            seed: Optional[int] = None, stop_at_eos: bool = True,
-           eos_token_id: Union[int, Sequence[int], None] = None, use_kv_cache: Optional[bool] = None,
+           eos_token_id: EosIds = None, use_kv_cache: Optional[bool] = None,
            fwd_hooks=(), progress: Optional[bool] = None, prepend_bos: Optional[bool] = None,
-           padding_side: Optional[str] = None, attention_mask: Optional[Tensor] = None,
+           padding_side: Optional[str] = None, attention_mask: Mask = None,
            do_sample: Optional[bool] = None, freq_penalty: Union[int, float] = 0.0,
            use_past_kv_cache: Optional[bool] = None, verbose: Optional[bool] = None,
            ) -> Iterator[Union[str, list[str], Int[Tensor, " batch"]]]:
@@ -411,6 +485,7 @@ def stream(model, input: Input, max_new_tokens: int = 10, temperature: Union[int
     tokens, am, kind = _prepare(model, input, max_new_tokens, attention_mask, opt["prepend_bos"],
                                 opt["padding_side"])
     eos = _eos_ids(model, stop_at_eos, eos_token_id)
+    seed, fwd_hooks = check_seed(seed), _check_hooks(model, fwd_hooks)
     for new, _ in _steps(model, tokens, am, max_new_tokens, opt["temperature"], top_k, top_p,
                          seed, eos, opt["use_kv_cache"], fwd_hooks, opt["progress"], freq_penalty):
         if kind == "str":

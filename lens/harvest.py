@@ -3,14 +3,17 @@ disk as sharded safetensors with a manifest and running statistics; resumable, d
 under torchrun, and read back memory-mapped (Harvest, ShardedActivations, HarvestDataset)."""
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import queue
+import socket
 import threading
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -24,14 +27,42 @@ from lens.cache import run_with_cache
 FORMAT = "lens-harvest/1"
 MANIFEST = "manifest.json"
 STATS = "stats.safetensors"
+LOCK = "harvest.lock"  # held (flock) by the process writing the folder; removed when it is done
+FLOAT_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
 _STAT_CHUNK = 2**18  # elements per float64 chunk when summing a shard
+
+
+# ---------------------------------------------------------------------- arguments
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+    return int(value)
+
+
+def _float_dtype(dtype) -> Optional[torch.dtype]:
+    """None, a floating-point torch dtype, or its name ("float16", "torch.float16")."""
+    if isinstance(dtype, str):
+        dtype = FLOAT_DTYPES.get(dtype.removeprefix("torch."), dtype)
+    if dtype is None or dtype in FLOAT_DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype={dtype!r} cannot hold activations; valid: None (the model's dtype) "
+                     f"or one of {list(FLOAT_DTYPES)}, as torch dtypes or names")
+
+
+def _folder(out_dir) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir={str(out_dir)!r} is a file; give a folder (new, or holding "
+                         "a harvest to resume)")
+    return out_dir
 
 
 # ---------------------------------------------------------------------- the token dataset
 class _Sequences:
     """Fixed-length token sequences by index, over a tensor, a numpy array/memmap or a file."""
 
-    def __init__(self, data, seq_len: Optional[int], default_len: int):
+    def __init__(self, data, seq_len: Optional[int], n_ctx: int):
         arr = data.cpu().numpy() if isinstance(data, Tensor) else data
         if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
             what = getattr(arr, "dtype", type(arr).__name__)
@@ -41,9 +72,15 @@ class _Sequences:
         if arr.ndim == 2:
             if seq_len is not None and seq_len != arr.shape[1]:
                 raise ValueError(f"seq_len={seq_len} but the tokens are rows of {arr.shape[1]}")
+            if arr.shape[1] > n_ctx:
+                raise ValueError(f"the token rows hold {arr.shape[1]} tokens, more than the "
+                                 f"model's n_ctx={n_ctx}")
             self.seq_len = arr.shape[1]
         else:
-            self.seq_len = L = seq_len or default_len
+            if seq_len is not None and seq_len > n_ctx:
+                raise ValueError(f"seq_len={seq_len} exceeds the model's n_ctx={n_ctx}; valid: "
+                                 f"1 to {n_ctx}, or None for n_ctx")
+            self.seq_len = L = seq_len or n_ctx
             arr = arr[: len(arr) // L * L].reshape(-1, L)  # drops the remainder
         self.arr, self.n_seq = arr, arr.shape[0]
         if self.n_seq == 0:
@@ -67,7 +104,16 @@ def _dataset(data, model, seq_len: Optional[int], out_dir: Path, rank: int) -> _
         if not path.is_file():
             raise FileNotFoundError(f"no token or text file at {path}")
         if path.suffix == ".npy":
-            return _Sequences(np.load(path, mmap_mode="r"), seq_len, model.cfg.n_ctx)
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (ValueError, OSError) as e:
+                raise ValueError(f"{path} is not a readable .npy file: {e}") from None
+            if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
+                raise ValueError(f"{path} holds {getattr(arr, 'dtype', type(arr).__name__)} values; "
+                                 "a token file holds integer token ids")
+            return _Sequences(arr, seq_len, model.cfg.n_ctx)
+        if path.stat().st_size == 0:
+            raise ValueError(f"the text file {path} is empty")
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(2**24):
@@ -80,8 +126,15 @@ def _dataset(data, model, seq_len: Optional[int], out_dir: Path, rank: int) -> _
                 with open(path, encoding="utf-8") as src, open(tmp, "wb") as dst:
                     while block := "".join(src.readlines(2**20)):
                         dst.write(np.asarray(model.tokenizer.encode(block), dtype=np.int32).tobytes())
-            _atomic(cache, encode)
+            try:
+                _atomic(cache, encode)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text ({e.reason}: byte "
+                                 f"0x{e.object[e.start]:02x}); give UTF-8 text or a .npy token "
+                                 "file") from None
         _barrier()
+        if cache.stat().st_size == 0:
+            raise ValueError(f"the text file {path} encodes to no tokens")
         data = np.memmap(cache, dtype=np.int32, mode="r")
     return _Sequences(data, seq_len, model.cfg.n_ctx)
 
@@ -128,6 +181,88 @@ _write_safetensors = io.write  # one name in this module, so tests can make the 
 def _mmap_tensors(path: Path) -> dict[str, Tensor]:
     """Every tensor of a safetensors file as a zero-copy view of the memory-mapped file."""
     return io.SafetensorsFile(path).mmap()
+
+
+def _read_manifest(path: Path) -> dict:
+    """A manifest (manifest.json or a rank's), checked enough that reading it cannot crash."""
+    try:
+        m = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = f"not JSON ({e})"
+    else:
+        shards = m.get("shards") if isinstance(m, dict) else None
+        problem = (
+            "not a JSON object" if not isinstance(m, dict)
+            else f"format {m.get('format')!r}, not {FORMAT!r}" if m.get("format") != FORMAT
+            else "no list of shards" if not isinstance(shards, list)
+            else "a malformed shard entry" if not all(
+                isinstance(e, dict) and isinstance(e.get("file"), str)
+                and isinstance(e.get("tokens"), list) and len(e["tokens"]) == 2 for e in shards)
+            else "no hooks" if not isinstance(m.get("hooks"), dict) else None)
+        if problem is None:
+            return m
+    raise ValueError(f"{path} is not a lens harvest manifest: {problem}; delete it (or the "
+                     "folder) to harvest again from the start")
+
+
+def _shard_problem(out_dir: Path, shard: dict, hooks: dict) -> Optional[str]:
+    """Why a recorded shard's file is not what its manifest entry says (None when it is):
+    missing, cut short, or holding other hooks, shapes or dtypes."""
+    path = out_dir / shard["file"]
+    try:
+        f = io.SafetensorsFile(path)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except ValueError as e:
+        return str(e)
+    n = shard["tokens"][1] - shard["tokens"][0]
+    if set(f.keys()) != set(hooks):
+        return f"{path} holds hooks {sorted(f.keys())}, not {sorted(hooks)}"
+    for name, h in hooks.items():
+        dtype, shape = f.entries[name][:2]
+        if list(shape) != [n, *h["shape"]] or str(dtype).removeprefix("torch.") != h["dtype"]:
+            return (f"{path} holds {name} as {list(shape)} {dtype}, not "
+                    f"{[n, *h['shape']]} {h['dtype']}")
+    return None
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path):
+    """Hold out_dir's lock file for the body, or raise naming the process that holds it. The
+    lock is an flock, which the system releases when its holder dies, so a killed harvest
+    leaves nothing that blocks the next one; the file is removed on a normal exit."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: unlocked
+        yield
+        return
+    path = out_dir / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot write into out_dir {out_dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise BlockingIOError(errno.EWOULDBLOCK, f"{out_dir} is being written by another "
+                                  f"harvest ({holder}, lock {path}); wait for it to finish or "
+                                  "use another out_dir") from None
+        try:  # the file we locked may have been removed by a holder that just finished
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _flat(name: str, act: Tensor) -> Tensor:
@@ -231,7 +366,7 @@ def _ordered(shards: dict) -> list:
 # ---------------------------------------------------------------------- harvest
 @torch.no_grad()
 def harvest(model, tokens, hook_names, out_dir, batch_size: int = 32,
-            dtype: Optional[torch.dtype] = None, shard_tokens: int = 2**15,
+            dtype: Union[None, torch.dtype, str] = None, shard_tokens: int = 2**15,
             seq_len: Optional[int] = None, progress: bool = True, queue_depth: int = 1
             ) -> "Harvest":
     """Run `model` over `tokens` and write the activations of `hook_names` to `out_dir`.
@@ -241,7 +376,8 @@ def harvest(model, tokens, hook_names, out_dir, batch_size: int = 32,
     .npy file or a text file (encoded once with model.tokenizer into a token file in out_dir).
     Each shard holds whole sequences, shard_tokens // seq_len of them, as safetensors
     [tokens, ...] per hook (batch×pos flattened; patterns become [tokens, n_heads, key_pos]),
-    cast to `dtype` if given. The forward stops after the last block the hooks need.
+    cast to `dtype` if given (a floating-point torch dtype or its name, e.g. "float16"). The
+    forward stops after the last block the hooks need.
 
     Resumable: shards and manifest.json are replaced atomically, so calling harvest again with
     the same arguments after a crash or a full disk finishes the job, byte-identical to an
@@ -249,15 +385,22 @@ def harvest(model, tokens, hook_names, out_dir, batch_size: int = 32,
     rank 0 writes the merged manifest and stats.safetensors (mean, variance, mean L2 norm).
     Memory: one batch plus at most 2 + queue_depth shards, whatever the dataset size.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    batch_size = _positive_int("batch_size", batch_size)
+    shard_tokens = _positive_int("shard_tokens", shard_tokens)
+    queue_depth = _positive_int("queue_depth", queue_depth)
+    seq_len = None if seq_len is None else _positive_int("seq_len", seq_len)
+    dtype = _float_dtype(dtype)
+    out_dir = _folder(out_dir)
     names = model.hook_names_matching(hook_names)
     own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if own_group:  # launched by torchrun: join its group
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        return _harvest(model, tokens, names, Path(out_dir), batch_size, dtype, shard_tokens,
-                        seq_len, progress, queue_depth)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # one lock per job: the other ranks write into the folder that rank 0 holds
+        with _locked(out_dir) if _rank_world()[0] == 0 else contextlib.nullcontext():
+            return _harvest(model, tokens, names, out_dir, batch_size, dtype, shard_tokens,
+                            seq_len, progress, queue_depth)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -268,7 +411,6 @@ def _harvest(model, tokens, names, out_dir, batch_size, dtype, shard_tokens, seq
     from tqdm.auto import tqdm
 
     rank, world = _rank_world()
-    out_dir.mkdir(parents=True, exist_ok=True)
     seqs = _dataset(tokens, model, seq_len, out_dir, rank)
     L, per_shard = seqs.seq_len, shard_tokens // seqs.seq_len
     if per_shard < 1:
@@ -291,6 +433,11 @@ def _harvest(model, tokens, names, out_dir, batch_size, dtype, shard_tokens, seq
         "n_shards": -(-seqs.n_seq // per_shard), "stats": STATS, "complete": False,
     }
     shards, complete = _existing(out_dir, header)
+    for i, shard in sorted(shards.items()):  # a recorded shard damaged since is computed again
+        if (problem := _shard_problem(out_dir, shard, header["hooks"])) is not None:
+            warnings.warn(f"{problem}; computing shard {i} again", stacklevel=3)
+            del shards[i]
+            complete = False
     _barrier()
     if complete:
         return Harvest.open(out_dir)
@@ -337,7 +484,7 @@ def _existing(out_dir: Path, header: dict) -> tuple[dict, bool]:
     path = out_dir / MANIFEST
     if not path.exists():
         return {}, False
-    old = json.loads(path.read_text())
+    old = _read_manifest(path)
     if old.get("model_hash") != header["model_hash"]:
         raise ValueError(f"{out_dir} holds activations of another model (model hash "
                          f"{old.get('model_hash')}), but this model's hash is "
@@ -349,7 +496,7 @@ def _existing(out_dir: Path, header: dict) -> tuple[dict, bool]:
                          "pass the same arguments to resume it, or use another out_dir")
     files = [path, *out_dir.glob("manifest.rank*.json")]
     shards = {s["tokens"][0] // header["shard_tokens"]: s
-              for m in files for s in json.loads(m.read_text())["shards"]}
+              for m in files for s in _read_manifest(m)["shards"]}
     return shards, bool(old.get("complete"))
 
 
@@ -381,7 +528,8 @@ class ShardedActivations:
     """One hook's [tokens, ...] activations over memory-mapped shards, indexed like a tensor.
 
     `acts[i]`, `acts[a:b]` and `acts[a:b, ...]` inside one shard are zero-copy views of the
-    mapped file; across shards, and for index tensors/lists (gathers), they are new tensors.
+    mapped file; across shards, and for index tensors/lists (gathers) and boolean masks of one
+    entry per token, they are new tensors.
     `acts.shards` are the per-shard views; `acts.tensor()` concatenates everything in memory.
     """
 
@@ -402,13 +550,16 @@ class ShardedActivations:
 
     def __getitem__(self, idx) -> Tensor:
         if isinstance(idx, tuple):
-            head = self[idx[0]]
-            return head[idx[1:]] if isinstance(idx[0], int) else head[(slice(None), *idx[1:])]
+            if not idx or idx[0] is Ellipsis:
+                return self[:][idx]
+            head = self[idx[0]]  # then the rest indexes each token's axes
+            return head[(slice(None),) * (head.ndim - len(self.shape) + 1) + idx[1:]]
         n = len(self)
-        if isinstance(idx, int):
-            if not -n <= idx < n:
-                raise IndexError(f"token {idx} is out of range for {n} tokens")
-            return self[idx % n:idx % n + 1][0]
+        if _is_int(idx):
+            i = int(idx)
+            if not -n <= i < n:
+                raise IndexError(f"token {i} is out of range for {n} tokens")
+            return self[i % n:i % n + 1][0]
         if isinstance(idx, slice):
             start, stop, step = idx.indices(n)
             if step != 1:
@@ -417,16 +568,48 @@ class ShardedActivations:
                      for sh, o in zip(self.shards, self.offsets)]
             parts = [p for p in parts if len(p)] or [self.shards[0][:0]]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        idx = torch.where(idx < 0, idx + n, idx)
-        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        idx = self._positions(idx)
+        flat = torch.where(idx < 0, idx + n, idx).reshape(-1)
+        if len(flat) and (flat.min() < 0 or flat.max() >= n):
             raise IndexError(f"token index out of range for {n} tokens")
-        which = torch.from_numpy(np.searchsorted(self.offsets, idx.numpy(), side="right") - 1)
-        out = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        which = torch.from_numpy(np.searchsorted(self.offsets, flat.numpy(), side="right") - 1)
+        out = torch.empty((len(flat), *self.shape[1:]), dtype=self.dtype)
         for s in which.unique().tolist():
             m = which == s
-            out[m] = self.shards[s][idx[m] - int(self.offsets[s])]
-        return out
+            out[m] = self.shards[s][flat[m] - int(self.offsets[s])]
+        return out.reshape(*idx.shape, *self.shape[1:])
+
+    def _positions(self, idx) -> Tensor:
+        """A list, array or tensor of token indices, or a boolean mask over the tokens, as a
+        long tensor of indices."""
+        n, valid = len(self), (f"valid: an int, a slice, a list/array/tensor of ints, or a "
+                               f"boolean mask of {len(self)} entries (one per token)")
+        if not isinstance(idx, (list, range, np.ndarray, Tensor)):  # floats, strings, bools, None
+            raise IndexError(f"{idx!r} ({type(idx).__name__}) is not a token index; {valid}")
+        try:
+            t = idx.detach().cpu() if isinstance(idx, Tensor) else torch.as_tensor(np.asarray(idx))
+        except (TypeError, ValueError, RuntimeError):  # strings, objects, ragged lists
+            raise IndexError(f"{idx!r} is not a token index; {valid}") from None
+        if t.numel() == 0:
+            return t.long().reshape(t.shape)
+        if t.dtype == torch.bool:
+            if t.shape != (n,):
+                raise IndexError(f"a boolean mask of shape {tuple(t.shape)} cannot select among "
+                                 f"{n} tokens; {valid}")
+            return t.nonzero().reshape(-1)
+        if t.is_floating_point() or t.is_complex():
+            raise IndexError(f"token indices of dtype {t.dtype} are not indices; {valid}")
+        if t.dtype == torch.uint8 and isinstance(idx, Tensor):
+            raise IndexError(f"a uint8 tensor is ambiguous (torch reads it as a mask); {valid}")
+        return t.long()
+
+
+def _is_int(idx) -> bool:
+    """An int (not a bool), a numpy integer, or a 0-d integer tensor."""
+    if isinstance(idx, Tensor):
+        return idx.ndim == 0 and not idx.is_floating_point() and not idx.is_complex() \
+            and idx.dtype != torch.bool
+    return isinstance(idx, (int, np.integer)) and not isinstance(idx, bool)
 
 
 class HarvestDataset(torch.utils.data.Dataset):
@@ -457,10 +640,14 @@ class Harvest:
         out_dir = Path(out_dir)
         if not (out_dir / MANIFEST).exists():
             raise FileNotFoundError(f"{out_dir} holds no {MANIFEST}; is it a harvest folder?")
-        manifest = json.loads((out_dir / MANIFEST).read_text())
+        manifest = _read_manifest(out_dir / MANIFEST)
         if not manifest.get("complete"):
             raise ValueError(f"the harvest in {out_dir} is incomplete ({len(manifest['shards'])} of "
-                             f"{manifest['n_shards']} shards); run harvest again to finish it")
+                             f"{manifest.get('n_shards')} shards); run harvest again to finish it")
+        for shard in manifest["shards"]:
+            if (problem := _shard_problem(out_dir, shard, manifest["hooks"])) is not None:
+                raise ValueError(f"damaged harvest: {problem}; run harvest again with the same "
+                                 "arguments to compute the shard again")
         return cls(out_dir, manifest)
 
     def __repr__(self) -> str:
@@ -513,7 +700,13 @@ class Harvest:
 
 # ---------------------------------------------------------------------- command line
 def cli_main(argv=None) -> int:
-    """`lens harvest MODEL DATA --hooks ... --out DIR`: harvest from the command line."""
+    """`lens harvest MODEL DATA --hooks ... --out DIR`: harvest from the command line; bad input
+    is one line on stderr and exit code 2 (see lens.cli.run_command)."""
+    from lens.cli import run_command
+    return run_command("lens harvest", _command, argv)
+
+
+def _command(argv) -> int:
     p = argparse.ArgumentParser(prog="lens harvest", description=harvest.__doc__.split("\n")[0])
     p.add_argument("model", help="bundled model name or checkpoint path")
     p.add_argument("data", help="a .npy token file ([n_seq, seq_len] or 1-D) or a text file")
@@ -522,25 +715,22 @@ def cli_main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, help="window length for 1-D tokens and text (n_ctx)")
     p.add_argument("--shard-tokens", type=int, default=2**15)
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="storage dtype")
+    p.add_argument("--dtype", choices=list(FLOAT_DTYPES), help="storage dtype")
     p.add_argument("--device", help="default: cuda:LOCAL_RANK when a GPU is present, else cpu")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    from lens.cli import checked_device
     from lens.dissect import load_model
 
     gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    device = args.device or gpu
+    device = checked_device(args.device) or gpu
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    try:
-        model = load_model(args.model).to(device).eval()
-        hooks = [h for arg in args.hooks for h in arg.split(",") if h]
-        result = harvest(model, args.data, hooks, args.out, batch_size=args.batch_size,
-                         dtype=getattr(torch, args.dtype) if args.dtype else None,
-                         shard_tokens=args.shard_tokens, seq_len=args.seq_len,
-                         progress=not args.no_progress)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise SystemExit(f"lens harvest: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    model = load_model(args.model).to(device).eval()
+    hooks = [h for arg in args.hooks for h in arg.split(",") if h]
+    result = harvest(model, args.data, hooks, args.out, batch_size=args.batch_size,
+                     dtype=args.dtype, shard_tokens=args.shard_tokens, seq_len=args.seq_len,
+                     progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(result)
     return 0

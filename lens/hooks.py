@@ -6,6 +6,8 @@ nn.Module built from HookPoints (HookedRootModule)."""
 
 import contextvars
 import difflib
+import inspect
+import itertools
 import re
 from contextlib import contextmanager
 from collections.abc import Callable, Iterable
@@ -22,12 +24,61 @@ _DIRS = ("fwd", "bwd")
 # length of a call by the model, so a forward run inside a hook, or in another thread, keeps
 # its own.
 POSITIONS: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar("positions", default=None)
+# Hooks added for one call (hooks(), run_with_hooks, run_with_cache, generate, patching) live
+# in the context of the thread (or task) that made the call, not on the model: {hook point:
+# (forward handles, backward handles)}. The dict is never edited, only replaced, so a thread or
+# an asyncio task that copied the context keeps its own.
+_CALL_HOOKS: contextvars.ContextVar[dict] = contextvars.ContextVar("call_hooks", default={})
+# {id(model): open hooks() contexts} in this thread or task.
+_LEVELS: contextvars.ContextVar[dict] = contextvars.ContextVar("hook_levels", default={})
+# Run order: every handle takes the next number (a prepended one the next negative number),
+# so a hook point's model-wide and call hooks run in the order they were added, as one list.
+_ORDER = itertools.count(1)
 
 
 def _check_dir(dir: str, both: bool = False) -> None:
     valid = _DIRS + (("both",) if both else ())
     if dir not in valid:
         raise ValueError(f"dir={dir!r}; valid values are {', '.join(map(repr, valid))}")
+
+
+def hook_entries(entries, arg: str = "fwd_hooks") -> list[tuple[NamesFilter, HookFn]]:
+    """(name, fn) pairs from a list of pairs or a dict {name: fn}, with an error that says what
+    was given and what is valid."""
+    valid = (f"{arg} is a list of (hook name, fn) pairs, e.g. [('blocks.0.hook_resid_pre', fn)] "
+             "(a name may also be a list of names or a predicate), or a dict {name: fn}")
+    if isinstance(entries, dict):
+        entries = list(entries.items())
+    if isinstance(entries, tuple) and len(entries) == 2 and callable(entries[1]) \
+            and not isinstance(entries[0], tuple):
+        raise TypeError(f"{arg} is one pair {_short(entries)}; {valid}: wrap it in a list")
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Iterable):
+        raise TypeError(f"{arg}={_short(entries)}; {valid}")
+    out = []
+    for e in entries:
+        if not isinstance(e, (tuple, list)) or len(e) != 2:
+            raise TypeError(f"{arg} has the entry {_short(e)}; {valid}")
+        name, fn = e
+        if not (isinstance(name, str) or callable(name) or (
+                isinstance(name, (list, tuple)) and all(isinstance(n, str) for n in name))):
+            raise TypeError(f"{arg} has the hook name {_short(name)} ({type(name).__name__}); {valid}")
+        if not callable(fn):
+            raise TypeError(f"{arg} has a hook function for {name!r} that is not callable: "
+                            f"{_short(fn)}; {valid}")
+        out.append((name, fn))
+    return out
+
+
+def check_incl_bwd(incl_bwd: bool) -> None:
+    """incl_bwd=True needs autograd on (it calls backward on the output)."""
+    if incl_bwd and not torch.is_grad_enabled():
+        raise RuntimeError("incl_bwd=True caches gradients, but gradients are off here (inside "
+                           "torch.no_grad() or torch.inference_mode()); call it outside them")
+
+
+def _short(x) -> str:
+    r = repr(x)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 class HookHandle:
@@ -37,12 +88,15 @@ class HookHandle:
     same function was added again elsewhere. TransformerLens calls it LensHandle; its
     ``handle.hook.remove()`` and ``handle.user_hook`` work here too."""
 
-    __slots__ = ("fn", "hook_point", "dir", "is_permanent", "context_level")
+    __slots__ = ("fn", "hook_point", "dir", "is_permanent", "context_level", "call", "order")
 
     def __init__(self, hook_point: "HookPoint", fn: HookFn, dir: str = "fwd",
-                 is_permanent: bool = False, context_level: Optional[int] = None):
+                 is_permanent: bool = False, context_level: Optional[int] = None,
+                 call: bool = False, prepend: bool = False):
         self.fn, self.hook_point, self.dir = fn, hook_point, dir
         self.is_permanent, self.context_level = bool(is_permanent), context_level
+        self.call = call  # belongs to one call's thread or task, not to the model
+        self.order = -next(_ORDER) if prepend else next(_ORDER)
 
     @property
     def user_hook(self) -> HookFn:
@@ -55,15 +109,12 @@ class HookHandle:
 
     @property
     def active(self) -> bool:
-        """Whether the entry is still on its hook point."""
+        """Whether the entry is still on its hook point (for a call's hook: in this thread)."""
         return any(h is self for h in self.hook_point._hooks(self.dir))
 
     def remove(self) -> None:
-        hooks = self.hook_point._hooks(self.dir)
-        for i, h in enumerate(hooks):
-            if h is self:
-                del hooks[i]
-                return
+        """Take this entry off (a call's hook: in the thread or task that added it)."""
+        self.hook_point._drop(lambda h: h is self, self.dir)
 
     def matches(self, including_permanent: bool, level: Optional[int]) -> bool:
         """In scope of a remove_hooks / has_hooks call (TransformerLens's rule)."""
@@ -84,24 +135,46 @@ class HookPoint(nn.Module):
     """An identity on the forward pass that hook functions can read or replace.
 
     A hook function is ``fn(activation, hook) -> Tensor | None``: returning a tensor replaces
-    the activation (it must keep the shape), returning None keeps it; a backward hook gets the
-    gradient and may return it as a 1-tuple ``(grad,)`` too. ``hook.name`` is the hook point's
+    the activation (it must keep the shape, dtype and device), returning None keeps it; it may
+    also edit the activation in place (under autograd it then gets a copy, so the backward of
+    the op that made it is unharmed; a function with ``fn.reads_only = True`` promises not to
+    and gets the activation itself). A backward hook gets the gradient and may return it as a
+    1-tuple ``(grad,)`` too. ``hook.name`` is the hook point's
     module path, ``hook.layer()`` its block, ``hook.ctx`` a dict hook functions may keep state
     in (cleared by reset_hooks), ``hook.positions`` the absolute positions that the
     activation's pos axis covers in the current forward pass. ``fwd_hooks`` / ``bwd_hooks`` are
-    the HookHandles, in the order they run.
+    the HookHandles that run here, in order: the model-wide ones (add_hook) and those of the
+    calls running in this thread (hooks(), run_with_hooks, ...), which other threads do not see.
     """
 
     def __init__(self):
         super().__init__()
         self.name: str = ""
-        self.fwd_hooks: list[HookHandle] = []
-        self.bwd_hooks: list[HookHandle] = []
+        self._model_hooks: dict[str, list[HookHandle]] = {"fwd": [], "bwd": []}
         self.ctx: dict = {}
 
     @property
     def active(self) -> bool:
-        return bool(self.fwd_hooks) or bool(self.bwd_hooks)
+        """Whether any hook runs here in this thread (the forward takes its slower exact path
+        for some hook points only then)."""
+        m = self._model_hooks
+        return bool(m["fwd"]) or bool(m["bwd"]) or self in _CALL_HOOKS.get()
+
+    @property
+    def fwd_hooks(self) -> list[HookHandle]:
+        return self._hooks("fwd")
+
+    @fwd_hooks.setter
+    def fwd_hooks(self, handles) -> None:
+        self._set_hooks("fwd", handles)
+
+    @property
+    def bwd_hooks(self) -> list[HookHandle]:
+        return self._hooks("bwd")
+
+    @bwd_hooks.setter
+    def bwd_hooks(self, handles) -> None:
+        self._set_hooks("bwd", handles)
 
     def layer(self) -> Optional[int]:
         m = _LAYER.match(self.name or "")
@@ -113,7 +186,36 @@ class HookPoint(nn.Module):
         return POSITIONS.get()
 
     def _hooks(self, dir: str) -> list[HookHandle]:
-        return self.fwd_hooks if dir == "fwd" else self.bwd_hooks
+        """The handles of `dir` that run here in this thread, in run order (a new list)."""
+        model = self._model_hooks[dir]
+        call = _CALL_HOOKS.get().get(self)
+        if not call or not call[dir == "bwd"]:
+            return list(model)
+        return sorted(model + list(call[dir == "bwd"]), key=lambda h: h.order)
+
+    def _set_hooks(self, dir: str, handles) -> None:
+        handles = list(handles)
+        self._drop(lambda h: True, dir)
+        self._model_hooks[dir] = [h for h in handles if not h.call]
+        _add_call_handles([h for h in handles if h.call])
+
+    def _drop(self, which: Callable[[HookHandle], bool], dir: str) -> None:
+        """Remove the handles of `dir` (model-wide and this thread's) for which `which` holds."""
+        model = self._model_hooks[dir]
+        if any(which(h) for h in model):
+            model[:] = [h for h in model if not which(h)]
+        table = _CALL_HOOKS.get()
+        call = table.get(self)
+        if call and any(which(h) for h in call[dir == "bwd"]):
+            fwd, bwd = call
+            fwd, bwd = (tuple(h for h in fwd if not which(h)), bwd) if dir == "fwd" \
+                else (fwd, tuple(h for h in bwd if not which(h)))
+            table = dict(table)
+            if fwd or bwd:
+                table[self] = (fwd, bwd)
+            else:
+                del table[self]
+            _CALL_HOOKS.set(table)
 
     # ------------------------------------------------------------------ TransformerLens's API
     def add_hook(self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False,
@@ -122,8 +224,8 @@ class HookPoint(nn.Module):
         _check_dir(dir)
         if not callable(hook):
             raise TypeError(f"hook function for {self.name!r} is not callable: {hook!r}")
-        handle = HookHandle(self, hook, dir, is_permanent, level)
-        hooks = self._hooks(dir)
+        handle = HookHandle(self, hook, dir, is_permanent, level, prepend=prepend)
+        hooks = self._model_hooks[dir]
         hooks.insert(0, handle) if prepend else hooks.append(handle)
         return handle
 
@@ -136,8 +238,7 @@ class HookPoint(nn.Module):
         and only those added at context `level` when it is given."""
         _check_dir(dir, both=True)
         for d in _DIRS if dir == "both" else (dir,):
-            hooks = self._hooks(d)
-            hooks[:] = [h for h in hooks if not h.matches(including_permanent, level)]
+            self._drop(lambda h: h.matches(including_permanent, level), d)
 
     def has_hooks(self, dir: str = "both", including_permanent: bool = True,
                   level: Optional[int] = None) -> bool:
@@ -150,13 +251,23 @@ class HookPoint(nn.Module):
 
     # ------------------------------------------------------------------ running
     def run(self, x: Tensor) -> Tensor:
-        if self.fwd_hooks:
-            for h in tuple(self.fwd_hooks):  # a hook may remove itself
-                out = h.fn(x, hook=self)
+        model = self._model_hooks
+        call = _CALL_HOOKS.get().get(self)
+        if not (call or model["fwd"] or model["bwd"]):
+            return x
+        fwd, bwd = (self._hooks("fwd"), self._hooks("bwd")) if call else (model["fwd"], model["bwd"])
+        if fwd:
+            if x.requires_grad and torch.is_grad_enabled() and not all(
+                    getattr(h.fn, "reads_only", False) for h in fwd):
+                # hooks may edit the activation in place; the op that made it may have saved it
+                # for its backward (attention's output, a softmax), so they get a copy
+                x = x.clone()
+            for h in tuple(fwd):  # a hook may remove itself
+                out = _call(h.fn, x, self, "forward hook")
                 if out is not None:
                     x = _checked(out, x, self.name, "forward hook")
-        if self.bwd_hooks and x.requires_grad:
-            for h in tuple(self.bwd_hooks):
+        if bwd and x.requires_grad:
+            for h in tuple(bwd):
                 x.register_hook(_GradHook(h.fn, self))
         return x
 
@@ -167,6 +278,50 @@ class HookPoint(nn.Module):
         return f"{self.name!r}, fwd={len(self.fwd_hooks)}, bwd={len(self.bwd_hooks)}"
 
 
+def _add_call_handles(handles: list[HookHandle]) -> None:
+    """Put call handles on their hook points in this thread's (or task's) table, in one copy."""
+    if not handles:
+        return
+    table = dict(_CALL_HOOKS.get())
+    for h in handles:
+        fwd, bwd = table.get(h.hook_point, ((), ()))
+        table[h.hook_point] = (fwd + (h,), bwd) if h.dir == "fwd" else (fwd, bwd + (h,))
+    _CALL_HOOKS.set(table)
+
+
+def _drop_call_handles(handles: list[HookHandle]) -> None:
+    """Take call handles off this thread's table (those still on it), in one copy."""
+    table = _CALL_HOOKS.get()
+    gone = {id(h) for h in handles}
+    points = {h.hook_point for h in handles if h.hook_point in table}
+    if not points:
+        return
+    table = dict(table)
+    for hp in points:
+        fwd, bwd = (tuple(h for h in hs if id(h) not in gone) for hs in table[hp])
+        if fwd or bwd:
+            table[hp] = (fwd, bwd)
+        else:
+            del table[hp]
+    _CALL_HOOKS.set(table)
+
+
+def _call(fn: HookFn, x: Tensor, hook: "HookPoint", what: str):
+    """fn(x, hook=hook), with a clear error when fn cannot take those arguments."""
+    try:
+        return fn(x, hook=hook)
+    except TypeError as e:
+        try:
+            inspect.signature(fn).bind(x, hook=hook)
+        except TypeError:
+            raise TypeError(f"{what} {getattr(fn, '__name__', fn)!r} on {hook.name!r} cannot be "
+                            f"called as fn(activation, hook=hook_point) ({e}); write it as "
+                            "def fn(activation, hook): ...") from None
+        except ValueError:  # no signature to read (a builtin): the error is the function's own
+            pass
+        raise
+
+
 class _GradHook:
     """A tensor hook that calls ``fn(grad, hook)`` and checks what it returns."""
 
@@ -174,7 +329,7 @@ class _GradHook:
         self.fn, self.hook = fn, hook
 
     def __call__(self, grad: Tensor) -> Optional[Tensor]:
-        out = self.fn(grad, hook=self.hook)
+        out = _call(self.fn, grad, self.hook, "backward hook")
         if isinstance(out, tuple) and len(out) == 1:  # (grad,), as torch's module hooks return it
             out = out[0]
         return None if out is None else _checked(out, grad, self.hook.name, "backward hook")
@@ -187,6 +342,10 @@ def _checked(out, x: Tensor, name: str, what: str) -> Tensor:
     if out.shape != x.shape:
         raise ValueError(f"{what} on {name!r} returned shape {tuple(out.shape)} but the "
                          f"activation has shape {tuple(x.shape)}; a replacement must keep the shape")
+    if out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"{what} on {name!r} returned a {out.dtype} tensor on {out.device} but "
+                         f"the activation is {x.dtype} on {x.device}; a replacement must keep the "
+                         "dtype and device (use .to(activation))")
     return out
 
 
@@ -194,7 +353,6 @@ class Hookable:
     """The hooks API, mixed into a module that owns HookPoints (named by their module path)."""
 
     hook_dict: dict[str, HookPoint]
-    context_level: int = 0  # how many hooks() contexts are open (TransformerLens's counter)
     is_caching: bool = False
 
     def setup_hooks(self) -> None:
@@ -216,7 +374,7 @@ class Hookable:
     def hook_names(self) -> list[str]:
         return list(self.hook_dict)
 
-    def hook_names_matching(self, names: NamesFilter) -> list[str]:
+    def hook_names_matching(self, names: object) -> list[str]:
         """Resolve a name, a list of names or a predicate to hook names (all when None)."""
         if names is None:
             return self.hook_names
@@ -228,6 +386,9 @@ class Hookable:
             return found
         if isinstance(names, str):
             names = [names]
+        if not isinstance(names, Iterable):
+            raise TypeError(f"names filter {names!r:.60} ({type(names).__name__}) is not a hook name, "
+                            "a list of names or a predicate fn(name) -> bool")
         names = list(names)
         for n in names:
             self._hook_point(n)
@@ -268,6 +429,11 @@ class Hookable:
         """Add `hook` to every hook point `name` selects (a name, a list, a predicate); it stays
         until removed: by its handles, by reset_hooks() unless permanent, or by
         reset_hooks(including_permanent=True)."""
+        return self._add(name, hook, dir, is_permanent, level, prepend)
+
+    def _add(self, name: NamesFilter, hook: HookFn, dir: str = "fwd", is_permanent: bool = False,
+             level: Optional[int] = None, prepend: bool = False, call: bool = False) -> list[HookHandle]:
+        """add_hook; call=True makes handles for this thread's call that the caller puts on."""
         _check_dir(dir)
         if not callable(hook):
             raise TypeError(f"hook function for {name!r} is not callable: {hook!r}")
@@ -275,6 +441,9 @@ class Hookable:
         for n in names:
             self.check_hooks_to_add(self.hook_dict[n], n, hook, dir=dir, is_permanent=is_permanent,
                                     prepend=prepend)
+        if call:
+            return [HookHandle(self.hook_dict[n], hook, dir, is_permanent, level, call=True,
+                               prepend=prepend) for n in names]
         return [self.hook_dict[n].add_hook(hook, dir, is_permanent, level, prepend) for n in names]
 
     def add_perma_hook(self, name: NamesFilter, hook: HookFn, dir: str = "fwd") -> list[HookHandle]:
@@ -314,31 +483,50 @@ class Hookable:
         return out
 
     # ------------------------------------------------------------------ for one block or call
+    @property
+    def context_level(self) -> int:
+        """How many hooks() contexts are open on this model in this thread (TransformerLens's
+        counter)."""
+        return _LEVELS.get().get(id(self), 0)
+
+    @context_level.setter
+    def context_level(self, level: int) -> None:
+        levels = dict(_LEVELS.get())
+        if level:
+            levels[id(self)] = level
+        else:
+            levels.pop(id(self), None)
+        _LEVELS.set(levels)
+
     @contextmanager
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
               clear_contexts: bool = False):
         """Hooks that live for the `with` block, removed on exit, also on errors and Ctrl-C.
 
-        Each entry is (name or list of names or predicate, fn). Backward hooks attach to the
-        tensors of forward passes run inside the block, so a later .backward() on them still
-        reaches the hook functions. The exit removes exactly the hooks this block added (not
-        another block's copy of the same function, not a permanent hook); reset_hooks_end=False
-        leaves them on (they carry this block's context level); clear_contexts=True also clears
-        every hook point's ctx on exit.
+        Each entry is (name or list of names or predicate, fn); a dict {name: fn} works too.
+        The hooks belong to this thread (or asyncio task): a forward pass run by another thread
+        on the same model does not see them. Backward hooks attach to the tensors of forward
+        passes run inside the block, so a later .backward() on them still reaches the hook
+        functions. The exit removes exactly the hooks this block added (not another block's copy
+        of the same function, not a permanent hook); reset_hooks_end=False adds them model-wide
+        instead and leaves them on (they carry this block's context level); clear_contexts=True
+        also clears every hook point's ctx on exit.
         """
-        self.context_level += 1
-        level = self.context_level
+        entries = [(d, name, fn) for d, given, arg in (("fwd", fwd_hooks, "fwd_hooks"),
+                                                        ("bwd", bwd_hooks, "bwd_hooks"))
+                   for name, fn in hook_entries(given, arg)]
+        level = self.context_level + 1
+        self.context_level = level
         handles: list[HookHandle] = []
         try:
-            for d, entries in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
-                for name, fn in entries:
-                    handles += self.add_hook(name, fn, d, level=level)
+            for d, name, fn in entries:
+                handles += self._add(name, fn, d, level=level, call=reset_hooks_end)
+            _add_call_handles(handles if reset_hooks_end else [])
             yield self
         finally:
             self.context_level = level - 1
             if reset_hooks_end:
-                for h in handles:
-                    h.remove()
+                _drop_call_handles(handles)
                 if clear_contexts:
                     self.clear_contexts()
 
@@ -375,6 +563,7 @@ class Hookable:
                 x = x[(Ellipsis, idx) + (slice(None),) * (-pos - 1)]
             cache[hook.name + ("_grad" if grad else "")] = x
 
+        save.reads_only = True  # the activation needs no copy under autograd
         fwd = [(n, save) for n in names]
         bwd = [(n, lambda g, hook: save(g, hook, True)) for n in names] if incl_bwd else []
         return cache, fwd, bwd
@@ -404,6 +593,7 @@ class HookedRootModule(Hookable, nn.Module):
         """(output, cache): the forward's output and a dict from hook name to activation (every
         hook point when names_filter is None); incl_bwd=True calls backward on the (scalar)
         output and stores gradients as "<name>_grad"."""
+        check_incl_bwd(incl_bwd)
         if remove_batch_dim and model_args and isinstance(model_args[0], Tensor) \
                 and model_args[0].ndim and model_args[0].shape[0] != 1:
             raise ValueError(f"remove_batch_dim=True needs batch size 1, got {model_args[0].shape[0]}")

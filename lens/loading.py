@@ -31,17 +31,35 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------- config
-def config_from_hf(hf_config) -> GPTConfig:
+def config_from_hf(hf_config, source: Optional[str] = None) -> GPTConfig:
     """The lens spec of an HF config (a config.json dict or a PretrainedConfig), through its
-    family (lens.families): GPT-2, Llama, Mistral, Qwen2/3, GPT-NeoX/Pythia, Phi-3. An option
-    lens does not implement is refused by name."""
-    d = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-    fam = families.family(d)
+    family (lens.families): GPT-2, Llama, Mistral, Qwen2/3, GPT-NeoX/Pythia, Phi-3. A field
+    lens reads at a value of the wrong type or range, a missing field, and an option lens does
+    not implement are refused by name; errors start with `source` (the config's file)."""
+    source = source or "the HF config"
+    d = hf_config if isinstance(hf_config, dict) or not hasattr(hf_config, "to_dict") \
+        else hf_config.to_dict()
+    if not isinstance(d, dict):
+        raise ValueError(f"{source} is a {type(d).__name__}, not a JSON object of config fields "
+                         "(an HF config.json or a PretrainedConfig)")
+    problems = families.field_problems(d)
+    if problems:
+        raise ValueError(f"{source}: invalid fields: " + "; ".join(problems))
+    try:
+        fam = families.family(d)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    missing = [k for k in fam.required if d.get(k) is None]
+    if missing:
+        raise ValueError(f"{source} (model_type={fam.model_type!r}) lacks the fields {missing} "
+                         "(absent or null)")
     try:
         return fam.config(d)
     except KeyError as e:
-        raise ValueError(f"config.json of model_type={fam.model_type!r} lacks the field "
+        raise ValueError(f"{source} (model_type={fam.model_type!r}) lacks the field "
                          f"{e.args[0]!r}") from None
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 # ---------------------------------------------------------------------- conversion
@@ -108,7 +126,9 @@ def convert_gpt2_state_dict(hf_sd: dict[str, Tensor], cfg: GPTConfig,
 # ---------------------------------------------------------------------- reading tensors
 def _torch_load(path: Path) -> dict:
     """A .bin state dict, memory-mapped, with torch's weights-only unpickler: a file holding
-    anything but tensors (code included) is refused, never run."""
+    anything but tensors (code included) is refused, never run; a damaged one is refused by
+    name."""
+    io.regular_file(path)
     try:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -120,7 +140,12 @@ def _torch_load(path: Path) -> dict:
                          "which could run arbitrary code when unpickled"
                          f"{' (' + lines[0].strip() + ')' if lines else ''}; use a safetensors "
                          "checkpoint, or convert this one where you trust its origin") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+    except Exception as e:  # torch's readers raise RuntimeError, EOFError, OSError, ... on damage
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint; it may be truncated or "
+                         f"corrupt ({type(e).__name__}: {first})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                           for k, v in sd.items()):
         raise ValueError(f"{path} is not a state dict of tensors (got {type(sd).__name__})")
     return sd
 
@@ -133,30 +158,49 @@ class _Source:
         self.where: dict[str, object] = {}
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, torch.dtype] = {}
+        first: dict[str, Path] = {}
         for f in files:
             if f.suffix == ".safetensors":
                 handle = io.SafetensorsFile(f)
-                for k in handle.keys():
-                    self.where[k], self.shapes[k] = handle, handle.shape(k)
-                    self.dtypes[k] = handle.entries[k][0]
+                found = {k: (handle, handle.shape(k), handle.entries[k][0]) for k in handle.keys()}
             else:
                 sd = _torch_load(f)
-                for k, v in sd.items():
-                    self.where[k], self.shapes[k], self.dtypes[k] = sd, tuple(v.shape), v.dtype
+                found = {k: (sd, tuple(v.shape), v.dtype) for k, v in sd.items()}
+            twice = sorted(k for k in found if k in first)
+            if twice:
+                raise ValueError(f"tensors {twice[:3]} are both in {first[twice[0]]} and in {f}; "
+                                 "each tensor of a checkpoint must be in one file")
+            for k, (handle, shape, dtype) in found.items():
+                self.where[k], self.shapes[k], self.dtypes[k], first[k] = handle, shape, dtype, f
 
     def get(self, key: str) -> Tensor:
         handle = self.where[key]
         return handle[key] if isinstance(handle, dict) else handle.get(key)
 
 
+def _shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names: file names in its folder."""
+    weight_map = _read_json(index).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(v, str) for v in weight_map.values())):
+        raise ValueError(f"{index}: weight_map={io.brief(weight_map)} must be a non-empty object "
+                         "mapping tensor names to shard file names")
+    names = sorted(set(weight_map.values()))
+    bad = [s for s in names if Path(s).name != s or s in (".", "..")]
+    if bad:
+        raise ValueError(f"{index}: weight_map names shards {bad[:3]}, which are not file names "
+                         f"in {index.parent}")
+    missing = [s for s in names if not (index.parent / s).exists()]
+    if missing:
+        raise ValueError(f"{index} names shards that {index.parent} lacks: {missing[:3]}")
+    return [index.parent / s for s in names]
+
+
 def _weight_files(d: Path) -> list[Path]:
     for name in _HF_WEIGHTS:
         f = d / name
-        if f.is_file():
-            if name.endswith(".index.json"):
-                shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
-                return [d / s for s in shards]
-            return [f]
+        if f.exists():  # a directory or FIFO of this name is refused when read, not skipped
+            return _shards(f) if name.endswith(".index.json") else [f]
     raise ValueError(f"{d} holds no weights: looked for {', '.join(_HF_WEIGHTS)}")
 
 
@@ -181,20 +225,36 @@ def _stored_dtype(hf_dict: Optional[dict], source: "_Source") -> Optional[torch.
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from a regular file (config.json, lens_config.json, an index)."""
+    io.regular_file(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path} nests JSON deeper than can be parsed") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid UTF-8 JSON: {io.brief(str(e), 200)}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a JSON {io.json_type(d)} ({io.brief(d)}); it must hold a "
+                         "JSON object of fields")
+    return d
 
 
 def _open(path: Path, config) -> _Checkpoint:
     """The config and tensors of a lens or HF directory, or of a single weights file."""
     if config is not None and not isinstance(config, (GPTConfig, dict)):
         config = config.to_dict()  # a transformers PretrainedConfig
+    if isinstance(config, dict) and "model_type" not in config:
+        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(GPTConfig)})
+        if unknown:
+            raise ValueError(f"config={io.brief(config)} has fields {unknown} that GPTConfig lacks; "
+                             "give GPTConfig fields (n_heads, d_model, ...) or an HF config dict "
+                             "with its model_type")
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
-        kind = "lens" if (path / LENS_CONFIG).is_file() else "hf"
+        kind = "lens" if (path / LENS_CONFIG).exists() else "hf"
         files = [path / LENS_WEIGHTS] if kind == "lens" else _weight_files(path)
+        if kind == "lens" and not files[0].exists():
+            raise ValueError(f"{path} holds {LENS_CONFIG} but not its weights, {LENS_WEIGHTS}")
     else:
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             raise ValueError(f"{path}: expected a checkpoint directory or a .safetensors/.bin file")
@@ -203,13 +263,18 @@ def _open(path: Path, config) -> _Checkpoint:
     if not path.is_dir():
         kind = "lens" if "embed.W_E" in source.shapes else "hf"
     name = LENS_CONFIG if kind == "lens" else "config.json"
-    hf_dict = _read_json(folder / name) if (folder / name).is_file() else None
+    hf_dict = _read_json(folder / name) if (folder / name).exists() else None
     if isinstance(config, GPTConfig):
         cfg = config
     elif isinstance(config, dict) and "model_type" in config:
-        cfg, hf_dict = config_from_hf(config), config
+        cfg, hf_dict = config_from_hf(config, "the config= dict"), config
+    elif hf_dict is not None and kind == "lens":
+        try:
+            cfg = GPTConfig.from_dict(hf_dict)
+        except ValueError as e:
+            raise ValueError(f"{folder / name}: {e}") from None
     elif hf_dict is not None:
-        cfg = GPTConfig.from_dict(hf_dict) if kind == "lens" else config_from_hf(hf_dict)
+        cfg = config_from_hf(hf_dict, str(folder / name))
     elif kind == "hf":
         cfg = gpt2.infer_config(source.shapes, dict(config or {}), str(path))
     else:

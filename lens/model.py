@@ -9,6 +9,7 @@ import re
 import weakref
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -199,12 +200,24 @@ class HookedGPT(Hookable, nn.Module):
     def token_ids(self, tokens, what: str = "tokens") -> Int[Tensor, "..."]:
         """Token ids (an int, a string that is one token, a list of them, or an integer tensor)
         as a long tensor on the unembedding's device, checked against d_vocab."""
+        if isinstance(tokens, np.ndarray):
+            tokens = torch.as_tensor(tokens)
         if isinstance(tokens, Tensor) and (tokens.is_floating_point() or tokens.dtype == torch.bool):
             raise ValueError(f"{what} must be integer token ids, got a {tokens.dtype} tensor")
-        if isinstance(tokens, str):
-            tokens = self.to_single_token(tokens)
+
+        def one(t):
+            if isinstance(t, str):
+                return self.to_single_token(t)
+            if isinstance(t, (bool, float, complex)) or (isinstance(t, Tensor) and (
+                    t.is_floating_point() or t.dtype == torch.bool)) or not hasattr(t, "__index__"):
+                raise ValueError(f"{what} must be token ids (ints) or one-token strings, got "
+                                 f"{t!r:.60} ({type(t).__name__})")
+            return int(t)
+
         if isinstance(tokens, (list, tuple)):
-            tokens = [self.to_single_token(t) if isinstance(t, str) else int(t) for t in tokens]
+            tokens = [one(t) for t in tokens]
+        elif not isinstance(tokens, Tensor):
+            tokens = one(tokens)
         ids = torch.as_tensor(tokens, dtype=torch.long, device=self.W_E.device)
         if ids.numel() == 0:
             raise ValueError(f"{what} is empty; give one token id per prompt")
@@ -232,6 +245,9 @@ class HookedGPT(Hookable, nn.Module):
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}; "
                             "to feed a residual stream use start_at_layer=")
+        if tokens.is_meta:
+            raise ValueError("tokens are on the meta device, which holds no values; give token ids "
+                             f"on {self.W_E.device} or the CPU")
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2:
@@ -241,6 +257,10 @@ class HookedGPT(Hookable, nn.Module):
             raise ValueError(f"sequence of {n} tokens exceeds n_ctx={self.cfg.n_ctx}")
         if n == 0:
             raise ValueError("tokens has 0 positions; give at least one token")
+        if tokens.shape[0] == 0:
+            raise ValueError("tokens has a batch of 0 rows; give at least one sequence")
+        if tokens.dtype != torch.long:  # uint8, int8, int16, int32 ids: embedding takes long
+            tokens = tokens.long()
         lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host sync
         if lo < 0 or hi >= self.cfg.d_vocab:
             bad = lo if lo < 0 else hi
@@ -251,7 +271,7 @@ class HookedGPT(Hookable, nn.Module):
         """Absolute positions and, for padded batches, the [batch, 1, q, k] attention mask."""
         if attention_mask is None:
             return torch.arange(n, device=device).expand(batch, n), None
-        am = attention_mask.to(device=device, dtype=torch.bool)
+        am = check_mask(attention_mask, device)
         if am.shape != (batch, n):
             raise ValueError(f"attention_mask has shape {tuple(am.shape)}, expected {(batch, n)}")
         return padding_mask(am)
@@ -262,7 +282,7 @@ class HookedGPT(Hookable, nn.Module):
         input: Union[Tensor, str, list],
         return_type: Optional[str] = "logits",
         *,
-        attention_mask: Optional[Tensor] = None,
+        attention_mask: Union[Tensor, np.ndarray, list, None] = None,
         stop_at_layer: Optional[int] = None,
         start_at_layer: Optional[int] = None,
         tokens: Optional[Tensor] = None,
@@ -291,6 +311,8 @@ class HookedGPT(Hookable, nn.Module):
             past_kv = past_kv_cache
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type={return_type!r}; valid values are {RETURN_TYPES}")
+        if attention_mask is not None:
+            attention_mask = check_mask(attention_mask, self.W_E.device)
         L = self.cfg.n_layers
         start = _layer_index(start_at_layer, L, "start_at_layer") if start_at_layer is not None else 0
         stop = _layer_index(stop_at_layer, L, "stop_at_layer") if stop_at_layer is not None else L
@@ -304,6 +326,9 @@ class HookedGPT(Hookable, nn.Module):
                     attention_mask = mask_of_text
             tokens = self.check_tokens(input)
             batch, n = tokens.shape
+            if past_kv is not None and not isinstance(past_kv, KVCache):
+                raise TypeError(f"past_kv must be a lens KVCache (KVCache({L}) or "
+                                f"KVCache.init_cache(model.cfg, ...)), got {type(past_kv).__name__}")
             if past_kv is None:
                 positions, mask = self._mask_and_positions(batch, n, attention_mask, tokens.device)
             else:
@@ -323,6 +348,20 @@ class HookedGPT(Hookable, nn.Module):
                 got = tuple(resid.shape) if isinstance(resid, Tensor) else type(resid).__name__
                 raise ValueError(f"with start_at_layer={start_at_layer} the input is the residual "
                                  f"stream [batch, pos, d_model={self.cfg.d_model}], got {got}")
+            if resid.dtype != self.cfg.dtype:
+                raise TypeError(f"with start_at_layer={start_at_layer} the residual stream must be "
+                                f"{self.cfg.dtype} (the model's dtype), got {resid.dtype}"
+                                + ("; token ids go in without start_at_layer" if not
+                                   resid.is_floating_point() else "; convert it with .to(model.cfg.dtype)"))
+            if resid.shape[0] == 0 or resid.shape[1] == 0:
+                raise ValueError(f"the residual stream has shape {tuple(resid.shape)}; give at least "
+                                 "one sequence of one position")
+            if resid.shape[1] > self.cfg.n_ctx:
+                raise ValueError(f"residual stream of {resid.shape[1]} positions exceeds "
+                                 f"n_ctx={self.cfg.n_ctx}")
+            if resid.is_meta:
+                raise ValueError("the residual stream is on the meta device, which holds no values")
+            resid = resid.to(self.W_E.device)
             if tokens is not None:
                 tokens = self.check_tokens(tokens)
             batch, n = resid.shape[:2]
@@ -388,6 +427,22 @@ class HookedGPT(Hookable, nn.Module):
     def run_with_cache(self, *args, **kwargs) -> tuple[Optional[Tensor], ActivationCache]:
         """Forward that stores activations; see lens.cache.run_with_cache for the arguments."""
         return run_with_cache(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ sparse dictionaries (lens.sae)
+    def saes(self, saes, use_error_term: bool = False):
+        """A `with` block with SAEs / transcoders spliced into the forward pass (lens.sae.saes)."""
+        from lens.sae import saes as splice
+        return splice(self, saes, use_error_term=use_error_term)
+
+    def run_with_saes(self, *args, saes=(), use_error_term: bool = False, **kwargs):
+        """The forward with `saes` spliced for this call (SAELens's name)."""
+        from lens.sae import run_with_saes
+        return run_with_saes(self, *args, saes=saes, use_error_term=use_error_term, **kwargs)
+
+    def run_with_cache_with_saes(self, *args, saes=(), use_error_term: bool = False, **kwargs):
+        """run_with_cache with `saes` spliced; their hook points are cached like any other."""
+        from lens.sae import run_with_cache_with_saes
+        return run_with_cache_with_saes(self, *args, saes=saes, use_error_term=use_error_term, **kwargs)
 
     # ------------------------------------------------------------------ generation (lens.generate)
     def generate(self, input, max_new_tokens: int = 10, **kwargs):
@@ -592,6 +647,27 @@ def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], tokens: Int[Tensor, "bat
     real = attention_mask.to(nll.device, torch.bool)
     keep = real[:, 1:] & real[:, :-1]  # a real prediction of a real token: not from a pad
     return nll[keep].mean()
+
+
+def check_mask(attention_mask, device) -> Tensor:
+    """An attention mask ([batch, pos]: 1 or True at real tokens, 0 or False at pads; a tensor,
+    numpy array or nested list) as a bool tensor on `device`, refused when it holds anything
+    but 0 and 1."""
+    am = attention_mask
+    if not isinstance(am, Tensor):
+        try:
+            am = torch.as_tensor(np.asarray(am))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"attention_mask must be a [batch, pos] tensor of 0/1 or bools, got "
+                            f"{type(attention_mask).__name__} ({e})") from None
+    if am.dtype != torch.bool:
+        if am.is_complex():
+            raise TypeError(f"attention_mask must hold 0/1 or bools, got dtype {am.dtype}")
+        bad = am[(am != 0) & (am != 1)]  # NaN included
+        if bad.numel():
+            raise ValueError(f"attention_mask must hold only 0 (pad) and 1 (real token); it holds "
+                             f"{bad[:5].tolist()}")
+    return am.to(device=device, dtype=torch.bool)
 
 
 def _layer_index(layer: int, n_layers: int, what: str) -> int:

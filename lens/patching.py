@@ -17,6 +17,7 @@ from lens.cache import act_name
 from lens.model import HookedGPT
 
 Metric = Callable[[Tensor], Union[Tensor, float]]
+Prompts = Union[str, Sequence, Tensor]  # a string, a list of strings, or token ids (see as_tokens)
 Patch = tuple[Optional[int], Optional[int]]  # (position, head); None patches the whole axis
 
 # site short name -> (position axis, head axis) of its activation [batch, ...], from the sites
@@ -70,16 +71,44 @@ class PatchResult:
 
 
 # ---------------------------------------------------------------------- checks and helpers
-def _runs(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
-          corrupted_tokens: Int[Tensor, "_batch _pos"], direction: str) -> tuple[Tensor, Tensor]:
+def as_tokens(model: HookedGPT, prompts: Prompts, what: str = "tokens") -> Int[Tensor, "batch pos"]:
+    """Prompts as checked tokens [batch, pos]: a string or a list of strings, tokenized by the
+    model (prepend_bos=model.default_prepend_bos), or token ids as an integer tensor or a
+    (nested) list of ints, [pos] or [batch, pos]. Strings of different token lengths are
+    refused: the analyses that take prompts take no padding mask."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and all(isinstance(p, str) for p in prompts)):
+        tokens, mask = model.to_tokens_with_mask(prompts if isinstance(prompts, str) else list(prompts))
+        if not bool(mask.all()):
+            raise ValueError(f"{what}: the prompts are {mask.sum(-1).tolist()} tokens long; "
+                             "give prompts of one token length (padding would need a mask), or tokens")
+        return tokens
+    if isinstance(prompts, (list, tuple)):
+        try:
+            ids = torch.tensor(prompts)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{what} is a list but neither strings nor token ids [pos] or "
+                             f"[batch, pos] of ints ({e})") from None
+        if ids.numel() == 0:
+            raise ValueError(f"{what} is empty; give at least one token")
+        prompts = ids
+    try:
+        return model.check_tokens(prompts)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{what}: {e}") from None
+
+
+def _runs(model: HookedGPT, clean_tokens: Prompts, corrupted_tokens: Prompts,
+          direction: str) -> tuple[Tensor, Tensor]:
     """(base, source) tokens: the run patched into and the run the patches come from."""
-    if clean_tokens.shape != corrupted_tokens.shape:
-        raise ValueError(f"clean_tokens has shape {tuple(clean_tokens.shape)} but corrupted_tokens "
-                         f"has shape {tuple(corrupted_tokens.shape)}; patching maps each (prompt, "
-                         "position) to the same one, so the shapes must be equal")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}; valid values are {DIRECTIONS}")
-    clean, corrupted = model.check_tokens(clean_tokens), model.check_tokens(corrupted_tokens)
+    clean = as_tokens(model, clean_tokens, "clean_tokens")
+    corrupted = as_tokens(model, corrupted_tokens, "corrupted_tokens")
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean_tokens has shape {tuple(clean.shape)} but corrupted_tokens "
+                         f"has shape {tuple(corrupted.shape)}; patching maps each (prompt, "
+                         "position) to the same one, so the shapes must be equal")
     return (corrupted, clean) if direction == "clean_to_corrupted" else (clean, corrupted)
 
 
@@ -99,20 +128,25 @@ def _check_site(model: HookedGPT, site: str, per: str) -> None:
 
 
 def _score(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
-    """The metric of one run's logits as a 0-d tensor: a [batch] metric is averaged."""
+    """The metric of one run's logits as a real 0-d tensor: a [batch] metric is averaged."""
     out = metric(logits)
+    batch = logits.shape[0]
+    valid = f"it must return a real scalar or a real [batch={batch}] tensor (averaged over the batch)"
     try:
-        t = out if isinstance(out, Tensor) else torch.as_tensor(out, dtype=torch.float32)
+        t = out if isinstance(out, Tensor) else torch.as_tensor(out)
     except (TypeError, ValueError, RuntimeError):
         t = None
+    if t is not None and t.is_complex():
+        got = f"a {t.dtype} tensor" if isinstance(out, Tensor) else f"the complex number {out!r}"
+        raise ValueError(f"metric(logits) returned {got}; {valid}")
+    if t is not None and not t.is_floating_point():
+        t = t.float()  # a count or a 0/1 correctness
     if t is not None and t.ndim == 0:
         return t
-    batch = logits.shape[0]
     if t is not None and t.shape == (batch,):
         return t.mean()
     got = f"shape {tuple(t.shape)}" if t is not None else type(out).__name__
-    raise ValueError(f"metric(logits) returned {got}; it must return a scalar or a [batch={batch}] "
-                     "tensor (which is averaged over the batch)")
+    raise ValueError(f"metric(logits) returned {got}; {valid}")
 
 
 def _scores(metric: Metric, logits: Float[Tensor, "stacked pos d_vocab"], copies: int) -> list[Tensor]:
@@ -153,13 +187,23 @@ def _patch(act: Tensor, mask: Tensor, source: Tensor) -> Tensor:
     return torch.where(mask, source, stacked).flatten(0, 1)
 
 
+def _check_chunking(batch_size, memory_budget) -> None:
+    """batch_size a positive int and memory_budget a positive number of bytes (either None)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int (patches per forward)")
+    if memory_budget is not None and (isinstance(memory_budget, bool)
+                                      or not isinstance(memory_budget, (int, float))
+                                      or not 0 < memory_budget < math.inf):
+        raise ValueError(f"memory_budget={memory_budget!r} must be a positive number of bytes "
+                         "(e.g. 2**30 for 1 GiB), or None for the default")
+
+
 def _chunk(model: HookedGPT, tokens: Tensor, batch_size: Optional[int],
            memory_budget: Union[int, float, None], extra_width: int = 0) -> int:
     """Patches per forward pass: batch_size, or as many copies as fit in the memory budget by an
     estimate of the live activations of one copy (stream, MLP, attention scores, logits)."""
     if batch_size is not None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive int (patches per forward)")
         return batch_size
     cfg, (b, n) = model.cfg, tokens.shape
     if memory_budget is None:
@@ -201,24 +245,27 @@ def _result(model, values, base, src, site, per, direction, baselines) -> PatchR
 
 
 # ---------------------------------------------------------------------- activation patching
-def activation_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
-                     corrupted_tokens: Int[Tensor, "_batch _pos"], metric: Metric, site: str = "z",
+def activation_patch(model: HookedGPT, clean_tokens: Prompts,
+                     corrupted_tokens: Prompts, metric: Metric, site: str = "z",
                      per: str = "head_pos", direction: str = "clean_to_corrupted",
                      batch_size: Optional[int] = None, memory_budget: Union[int, float, None] = None,
                      progress: bool = True) -> PatchResult:
     """Patch `site` ("z", "resid_pre", "pattern", ...: see SITES) from the source run into the
     base run, one patch per layer × (head) × (position) as `per` says, and score each patched run.
 
-    direction "clean_to_corrupted" patches clean activations into the corrupted run (base =
-    corrupted); "corrupted_to_clean" the reverse. metric(logits) -> scalar or [batch] (averaged)
-    is called once per patch on that patch's logits, [batch, pos, d_vocab] exactly as in an
-    unbatched run, even though the patched runs are stacked along the batch axis: batch_size
-    patches per forward pass (default: as many as fit in memory_budget bytes, 1 GiB on CPU and
-    half the free memory on a GPU). Each run starts at the patched layer from the base run's
-    cached residual stream (a patch of resid_post at layer l starts at layer l + 1).
+    clean_tokens and corrupted_tokens: tokens [batch, pos] or [pos] (a tensor or lists of ints),
+    or strings of one token length (see as_tokens). direction "clean_to_corrupted" patches
+    clean activations into the corrupted run (base = corrupted); "corrupted_to_clean" the
+    reverse. metric(logits) -> real scalar or [batch] (averaged) is called once per patch on
+    that patch's logits, [batch, pos, d_vocab] exactly as in an unbatched run, even though the
+    patched runs are stacked along the batch axis: batch_size patches per forward pass
+    (default: as many as fit in memory_budget bytes, 1 GiB on CPU and half the free memory on
+    a GPU). Each run starts at the patched layer from the base run's cached residual stream (a
+    patch of resid_post at layer l starts at layer l + 1).
     """
     base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
     _check_site(model, site, per)
+    _check_chunking(batch_size, memory_budget)
     L, H = model.cfg.n_layers, _site_heads(model, site)
     names = [act_name(site, l) for l in range(L)]
     stream = [sites.name("resid_pre", l) for l in range(L)] + [sites.name("resid_post", L - 1)]
@@ -249,8 +296,8 @@ def activation_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
 
 
 # ---------------------------------------------------------------------- attribution patching
-def attribution_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
-                      corrupted_tokens: Int[Tensor, "_batch _pos"], metric: Metric, site: str = "z",
+def attribution_patch(model: HookedGPT, clean_tokens: Prompts,
+                      corrupted_tokens: Prompts, metric: Metric, site: str = "z",
                       per: str = "head_pos", direction: str = "clean_to_corrupted",
                       batch_size: Optional[int] = None, memory_budget: Union[int, float, None] = None,
                       progress: bool = True) -> PatchResult:
@@ -262,6 +309,7 @@ def attribution_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
     batch_size, memory_budget and progress are accepted for a drop-in swap and not needed."""
     base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
     _check_site(model, site, per)
+    _check_chunking(batch_size, memory_budget)
     names = [act_name(site, l) for l in range(model.cfg.n_layers)]
     with torch.no_grad():
         src_logits, src_cache = model.run_with_cache(src, names_filter=names)
@@ -341,6 +389,33 @@ def _parse_senders(model: HookedGPT, senders: Sequence[Sequence[int]]) -> list[t
     return out
 
 
+def _check_paths(model: HookedGPT, senders: list[tuple[int, int]],
+                 recv: list[tuple[str, int, Optional[int]]]) -> None:
+    """Refuse a sender that reaches no receiver and a receiver that no sender reaches: that
+    path does not exist, and patching along it would silently score the base run. A head in
+    layer l writes at hook_attn_out of layer l; heads' q/k/v inputs and hook_resid_pre of layer
+    l read before it, and so do layer l's MLP hook points when attention and MLP run in parallel."""
+    after_attn = ["hook_attn_out", "hook_resid_mid", "hook_resid_post"]
+    if not model.cfg.parallel_attn_mlp:
+        after_attn += ["hook_mlp_in", "hook_mlp_out", "mlp.hook_pre", "mlp.hook_post"]
+    # the last layer whose heads reach each receiver
+    last = [l if name.endswith(tuple(after_attn)) else l - 1 for name, l, _ in recv]
+    shown = [name if h is None else (l, h, name.split("hook_")[-1][0]) for name, l, h in recv]
+
+    def rule(l: int) -> str:
+        return (f"a head in layer {l} reaches the q/k/v inputs of heads in later layers and the "
+                f"stream from blocks.{l}.hook_attn_out on, so receivers must be in a later layer "
+                "than the senders (a path that does not exist would score the unpatched baseline)")
+
+    for s in senders:
+        if all(s[0] > lr for lr in last):
+            raise ValueError(f"sender {s} reaches none of the receivers {shown}: {rule(s[0])}")
+    for r, lr in zip(shown, last):
+        if all(s[0] > lr for s in senders):
+            raise ValueError(f"receiver {r!r} reads the stream before any sender {senders} writes "
+                             f"to it: {rule(min(s[0] for s in senders))}")
+
+
 def _path_runs(model: HookedGPT, base: Tensor, src: Tensor, metric: Metric,
                sender_sets: list[list[tuple[int, int]]], recv: list[tuple[str, int, Optional[int]]],
                k: int, progress: bool) -> tuple[list[Tensor], tuple[float, float]]:
@@ -399,8 +474,8 @@ def _path_runs(model: HookedGPT, base: Tensor, src: Tensor, metric: Metric,
     return scores, baselines
 
 
-def path_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
-               corrupted_tokens: Int[Tensor, "_batch _pos"], metric: Metric,
+def path_patch(model: HookedGPT, clean_tokens: Prompts,
+               corrupted_tokens: Prompts, metric: Metric,
                senders: Sequence[Sequence[int]], receivers: Sequence[Receiver],
                direction: str = "clean_to_corrupted") -> float:
     """The metric when the senders' change (source run instead of base run) reaches the
@@ -411,22 +486,27 @@ def path_patch(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
 
     senders: (layer, head) pairs. receivers: (layer, head, "q"|"k"|"v") for a head's query, key
     or value input (hook_q_input etc.), or a stream hook name ("blocks.3.hook_resid_post", or
-    ("resid_post", -1) for the last layer). The IOI paper's setup, with the senders carrying the
+    ("resid_post", -1) for the last layer). Each sender must reach a receiver and each
+    receiver be reached by a sender: a head's q/k/v input in a later layer, or the stream from
+    the sender's hook_attn_out on. The IOI paper's setup, with the senders carrying the
     corrupted (ABC) run into the clean one, is direction="corrupted_to_clean"."""
     base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
     sets, recv = [_parse_senders(model, senders)], _parse_receivers(model, receivers)
+    _check_paths(model, sets[0], recv)
     return float(_path_runs(model, base, src, metric, sets, recv, 1, False)[0][0])
 
 
-def path_patch_senders(model: HookedGPT, clean_tokens: Int[Tensor, "batch pos"],
-                       corrupted_tokens: Int[Tensor, "_batch _pos"], metric: Metric,
+def path_patch_senders(model: HookedGPT, clean_tokens: Prompts,
+                       corrupted_tokens: Prompts, metric: Metric,
                        receivers: Sequence[Receiver], direction: str = "clean_to_corrupted",
                        batch_size: Optional[int] = None, memory_budget: Union[int, float, None] = None,
                        progress: bool = True) -> PatchResult:
     """path_patch from each head alone to `receivers`: values [n_layers, n_heads] (site "z",
-    per "head"), several sender heads per forward pass as in activation_patch."""
+    per "head"), several sender heads per forward pass as in activation_patch. A head with no
+    path to the receivers (in their layer or later) scores the baseline."""
     base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
     recv = _parse_receivers(model, receivers)
+    _check_chunking(batch_size, memory_budget)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     sets = [[(l, h)] for l in range(L) for h in range(H)]
     k = _chunk(model, base, batch_size, memory_budget, 2 * H * model.cfg.d_model)

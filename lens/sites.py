@@ -2,6 +2,7 @@
 harvest ask it where a hook's position, head and neuron axes are, and short names
 ("pattern", 0) become full ones ("blocks.0.attn.hook_pattern") here."""
 
+import difflib
 from typing import Optional
 
 B, P, QP, KP = "batch", "pos", "query_pos", "key_pos"
@@ -58,7 +59,9 @@ def name(short: str, layer: Optional[int] = None, part: Optional[str] = None,
         return short
     short = ALIASES.get(short, short)
     if short not in SITES:
-        raise KeyError(f"unknown short name {short!r}; valid short names are {sorted(SITES)}")
+        near = difflib.get_close_matches(short, list(SITES) + list(ALIASES), n=3, cutoff=0.6)
+        raise KeyError(f"unknown short name {short!r}{'; did you mean ' + str(near) + '?' if near else ''} "
+                       f"(valid short names are {sorted(SITES)})")
     if short in _TOP:
         return f"hook_{short}"
     if layer is None:
@@ -73,10 +76,21 @@ def name(short: str, layer: Optional[int] = None, part: Optional[str] = None,
     return f"blocks.{layer}.{owner + '.' if owner else ''}hook_{short}"
 
 
+# The hook points an SAE or transcoder adds under its host's name while it is spliced in
+# ({host}.hook_sae_input, ...; lens.sae): d_out is d_in but for transcoders, and the hook points
+# of an SAE on hook_z are flat (heads × d_head).
+SAE_SITES: dict[str, tuple[str, ...]] = {
+    "sae_input": (B, P, "d_in"), "sae_acts_pre": (B, P, "d_sae"), "sae_acts_post": (B, P, "d_sae"),
+    "sae_recons": (B, P, "d_out"), "sae_error": (B, P, "d_out"), "sae_output": (B, P, "d_out"),
+}
+
+
 def axes(hook: str) -> tuple[str, ...]:
     """The axes of a hook point's activation, by its full name."""
     module, _, leaf = hook.rpartition(".")
     short = leaf.removeprefix("hook_")
+    if short in SAE_SITES and module.rpartition(".")[2].startswith("hook_"):
+        return SAE_SITES[short]
     if short not in SITES:
         raise KeyError(f"{hook!r} is not a hook point lens knows (leaf {leaf!r})")
     found = SITES[short][1]

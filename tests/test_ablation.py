@@ -1,5 +1,8 @@
 """Ablation hooks: zero, mean and resample ablation narrowed to heads, neurons and positions."""
 
+import inspect
+
+import numpy as np
 import pytest
 import torch
 from conftest import EVERY, make_model, make_tokens
@@ -191,3 +194,54 @@ def test_errors_name_the_problem(model, tokens):
     src = make_model().run_with_cache(make_tokens(model, pos=5), names_filter="blocks.0.attn.hook_z")[1]
     with pytest.raises(ValueError, match="same sequence length"):
         model.run_with_hooks(tokens, fwd_hooks=[resample_ablate("z", 0, source=src)])
+
+
+def plain(fn):
+    """fn without the test run's runtime type checks: the errors a caller sees by default."""
+    return inspect.unwrap(fn)
+
+
+def test_layer_head_pairs_must_be_pairs_of_ints(model, tokens):
+    for bad in ([(0,)], [(0, 1, 2)], [(True, 0)], [(0, 0.5)], [(0.5, 1)], (0, 1), ["ab"]):
+        with pytest.raises(ValueError, match=r"layer_heads entry .* is not a \(layer, head\) pair of ints"):
+            plain(ablate_heads)(bad)
+    want = model.run_with_hooks(tokens, fwd_hooks=ablate_heads([(0, 1), (1, 0)]))
+    for pairs in (torch.tensor([[0, 1], [1, 0]]), [(np.int64(0), np.int64(1)), [1, 0]]):
+        assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=plain(ablate_heads)(pairs)), want)
+    # out of range: the layer when the hooks are added, the head when the activation is seen
+    with pytest.raises(KeyError, match="'blocks.5.attn.hook_z' is not a hook point of this model: the model has 2 blocks"):
+        model.run_with_hooks(tokens, fwd_hooks=ablate_heads([(5, 0)]))
+    with pytest.raises(ValueError, match=r"head \[9\] out of range for 'blocks.0.attn.hook_z', which has 2 heads"):
+        model.run_with_hooks(tokens, fwd_hooks=ablate_heads([(0, 9)]))
+    with pytest.raises(ValueError, match="layer=-1: ablation builders do not know n_layers"):
+        ablate_heads([(-1, 0)])
+
+
+def test_selections_are_ints_slices_or_masks(model, tokens):
+    for kw in (dict(positions=[1.5]), dict(positions=torch.tensor([1.0])), dict(heads=True),
+               dict(heads=[0.5]), dict(positions="ab"), dict(heads=[[0], [1, 2]])):
+        what = next(iter(kw))
+        with pytest.raises(ValueError, match=rf"{what}=.*: give an int, a list or 1-D tensor of ints, a slice"):
+            plain(zero_ablate)("z", 0, **kw)  # when the hook is built, not when it runs
+    with pytest.raises(ValueError, match=r"positions=\[1.5\]: give an int"):
+        plain(ablate_heads)([(0, 1)], positions=[1.5])
+    # a list of booleans is a mask, as a boolean tensor is
+    want = model.run_with_hooks(tokens, fwd_hooks=[zero_ablate("z", 0, heads=[0])])
+    for heads in ([True, False], torch.tensor([True, False])):
+        assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[zero_ablate("z", 0, heads=heads)]), want)
+
+
+def test_seeds_and_token_lists(model, tokens):
+    for seed in (1.5, "a", 2 ** 70, None, True):
+        with pytest.raises(ValueError, match=r"seed=.* must be an int in \[-2\*\*63, 2\*\*64 - 1\]$"):
+            plain(resample_indices)(4, 4, seed=seed)
+        with pytest.raises(ValueError, match="seed=.* must be an int"):
+            plain(resample_ablate)("z", 0, source=tokens, model=model, seed=seed)
+    assert torch.equal(plain(resample_indices)(4, 4, seed=np.int64(3)), resample_indices(4, 4, seed=3))
+    want = mean_activations(model, tokens, "blocks.0.attn.hook_z")
+    got = mean_activations(model, tokens.tolist(), "blocks.0.attn.hook_z")
+    assert torch.equal(got["blocks.0.attn.hook_z"], want["blocks.0.attn.hook_z"])
+    with pytest.raises(ValueError, match="tokens is a list but neither strings nor token ids"):
+        mean_activations(model, [[1, 2], [3]], "blocks.0.attn.hook_z")
+    with pytest.raises(ValueError, match="batch_size=2.5 must be an int >= 1"):
+        plain(mean_activations)(model, tokens, "blocks.0.attn.hook_z", batch_size=2.5)

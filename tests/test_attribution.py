@@ -1,5 +1,7 @@
 """Direct logit attribution sums to the logit difference; the logit lens ends at the model's output."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,3 +168,19 @@ def test_logit_lens_answer_stats_tokens_and_plot(tmp_path):
         logit_lens(model)
     with pytest.raises(ValueError, match="out of range"):
         logit_lens(model, tokens=tokens, pos=7)
+
+
+def test_logit_lens_takes_token_lists_and_refuses_float_positions():
+    model = make_model(seed=2)
+    tokens = make_tokens(model, batch=2)
+    want = logit_lens(model, tokens=tokens).log_probs
+    assert torch.equal(logit_lens(model, tokens=tokens.tolist()).log_probs, want)
+    with pytest.raises(ValueError, match="tokens is a list but neither strings nor token ids"):
+        logit_lens(model, tokens=[[1, 2, 3], [4]])
+    for pos in (1.5, torch.tensor([1.0, 2.0]), True):
+        with pytest.raises(ValueError, match=r"pos=.* must be an int, a list of ints or an integer tensor"):
+            inspect.unwrap(logit_lens)(model, tokens=tokens, pos=pos)
+    result = logit_lens(model, tokens=tokens)
+    for answer in (1.5, [True, False]):
+        with pytest.raises(ValueError, match=r"answer_tokens=.* must be an int"):
+            inspect.unwrap(type(result).answer_stats)(result, answer)

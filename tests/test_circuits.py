@@ -1,5 +1,7 @@
 """Composition scores against the naive formula, head detectors on forced patterns, OV copying."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import make_model, make_tokens
@@ -176,3 +178,37 @@ def test_scores_are_float_tensors_for_float32_models():
     for scores in (previous_token_scores(model, tokens), ov_copying_scores(model),
                    induction_scores(model, seq_len=4, batch=2)):
         assert scores.shape == (2, 2) and scores.dtype == torch.float32
+
+
+def plain(fn):
+    """fn without the test run's runtime type checks: the errors a caller sees by default."""
+    return inspect.unwrap(fn)
+
+
+def test_detectors_take_token_lists_and_strings(model, tokens):
+    from lens.tokenizer import Tokenizer
+    prompts = tokens.tolist()
+    assert torch.equal(previous_token_scores(model, prompts), previous_token_scores(model, tokens))
+    assert torch.equal(duplicate_token_scores(model, prompts), duplicate_token_scores(model, tokens))
+    eye = torch.eye(tokens.shape[1])
+    assert torch.equal(detect_head(model, prompts, eye), detect_head(model, tokens, eye))
+    assert previous_token_scores(model, prompts[0]).shape == (2, 2)  # one prompt, [pos]
+    for scorer in (previous_token_scores, duplicate_token_scores):
+        with pytest.raises(ValueError, match="tokens is a list but neither strings nor token ids"):
+            scorer(model, [[1, 2, 3], [1, 2]])
+    text = make_model(d_vocab=50257)
+    text.tokenizer = Tokenizer.gpt2()
+    assert torch.equal(previous_token_scores(text, "the cat sat on the mat"),
+                       previous_token_scores(text, text.to_tokens("the cat sat on the mat")))
+    with pytest.raises(ValueError, match=r"tokens: the prompts are \[7, 2\] tokens long"):
+        duplicate_token_scores(text, ["the cat sat on the mat", "a"])
+    with pytest.raises(ValueError, match="batch_size=2.5 must be an int >= 1"):
+        plain(detect_head)(model, tokens, eye, batch_size=2.5)
+
+
+def test_seeds_are_ints_in_torchs_range(model):
+    for fn, kw in ((repeated_tokens, {}), (induction_scores, {}), (random_composition_baseline, dict(n_samples=2))):
+        for seed in (1.5, "a", 2 ** 70, None):
+            with pytest.raises(ValueError, match=r"seed=.* must be an int in \[-2\*\*63, 2\*\*64 - 1\]$"):
+                plain(fn)(model, seed=seed, **kw)
+    assert torch.equal(repeated_tokens(model, seed=-1), repeated_tokens(model, seed=-1))

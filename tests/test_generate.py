@@ -2,12 +2,15 @@
 transformers, sampling is reproducible and top-k/top-p restrict the support, return_cache is
 run_with_cache on the output, and bad arguments raise errors that name the valid range."""
 
+import inspect
+import re
+
 import pytest
 import torch
 from conftest import make_model, random_hf, write
 
 import lens
-from lens.generate import KVCache, stream
+from lens.generate import KVCache, generate, sample, stream
 from lens.tokenizer import Tokenizer
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over", "a"]
@@ -219,3 +222,105 @@ def test_bad_arguments(model):
             model.generate(tokens[:, :5], 3, **kw)
     with pytest.raises(ValueError, match="must then be None or n_layers=2"):
         model(tokens, past_kv=KVCache(2), stop_at_layer=1)
+
+
+def plain(fn):
+    """fn without the test run's runtime type checks: the errors a caller sees by default."""
+    return inspect.unwrap(fn)
+
+
+def test_seeds_outside_torchs_range_are_refused(model):
+    tokens = ragged(model, (3,))[0]
+    for seed in (1.5, "a", 2 ** 70, -2 ** 63 - 1, True):
+        match = rf"seed={re.escape(repr(seed))} must be an int in \[-2\*\*63, 2\*\*64 - 1\] or None"
+        with pytest.raises(ValueError, match=match):
+            plain(generate)(model, tokens, 2, seed=seed)
+        with pytest.raises(ValueError, match=match):
+            list(plain(stream)(model, tokens, 2, seed=seed))
+    for seed in (2 ** 64 - 1, -2 ** 63):  # the ends of the range
+        assert torch.equal(model.generate(tokens, 3, seed=seed), model.generate(tokens, 3, seed=seed))
+
+
+def test_eos_token_id_may_be_a_one_token_string(text_model):
+    tokens = text_model.to_tokens("Hello world")
+    free = text_model.generate(tokens, 6, temperature=0, stop_at_eos=False)
+    tok = text_model.tokenizer
+    # a generated token whose text is that one token again
+    eos = next(int(t) for t in free[0, tokens.shape[1] + 1:]
+               if tok.encode(text_model.to_single_str_token(int(t))) == [int(t)])
+    text = text_model.to_single_str_token(eos)
+    assert torch.equal(text_model.generate(tokens, 6, temperature=0, eos_token_id=text),
+                       text_model.generate(tokens, 6, temperature=0, eos_token_id=eos))
+    assert torch.equal(text_model.generate(tokens, 6, temperature=0, eos_token_id=[text, 0]),
+                       text_model.generate(tokens, 6, temperature=0, eos_token_id=[eos, 0]))
+    assert text_model.generate(tokens, 2, eos_token_id="<|endoftext|>").shape[0] == 1
+    with pytest.raises(ValueError, match=r"eos_token_id='hello world': .*is 2 tokens, not one"):
+        text_model.generate(tokens, 2, eos_token_id="hello world")
+
+
+def test_eos_token_ids_that_are_not_ids_are_refused(model):
+    tokens = ragged(model, (3,))[0]
+    for eos in (1.0, [3, 1.0], True, [], torch.tensor([1.0])):
+        with pytest.raises(ValueError, match=r"eos_token_id=.*: give a token id in \[0, d_vocab=37\), a string"):
+            plain(generate)(model, tokens, 2, eos_token_id=eos)
+    with pytest.raises(ValueError, match="eos_token_id='<.endoftext.>': .*no tokenizer"):
+        model.generate(tokens, 2, eos_token_id="<|endoftext|>")
+
+
+# (argmax of +inf logits is a choice, a hook forcing a token: greedy takes it)
+@pytest.mark.parametrize("fill,what,temperature", [
+    (float("nan"), "NaN", 1.0), (float("-inf"), "-inf at every token", 1.0),
+    (float("inf"), r"\+inf", 1.0), (float("nan"), "NaN", 0), (float("-inf"), "-inf at every token", 0)])
+def test_logits_no_token_can_come_from_are_refused(model, fill, what, temperature):
+    tokens = ragged(model, (3, 3))[0]
+
+    def spoil_row_1(logits, hook):
+        logits = logits.clone()
+        logits[1] = fill
+        return logits
+
+    how = "drawn" if temperature else "chosen"
+    with pytest.raises(ValueError, match=rf"no next token can be {how} for row\(s\) \[1\] of the "
+                                         rf"batch: the logits of row 1 hold {what}"):
+        model.generate(tokens, 2, temperature=temperature, seed=0,
+                       fwd_hooks=[("hook_logits", spoil_row_1)])
+
+
+def test_sample_takes_batch_by_vocab_logits():
+    for shape in [(37,), (2, 3, 37)]:
+        with pytest.raises(ValueError, match=rf"logits must be \[batch, d_vocab\].*got shape {re.escape(str(shape))}"):
+            sample(torch.randn(shape))
+    assert sample(torch.randn(2, 37), temperature=0).shape == (2,)
+
+
+def test_a_mask_may_be_a_list_and_holds_only_0_and_1(model):
+    tokens, mask, _ = ragged(model)
+    want = model.generate(tokens, 3, temperature=0, attention_mask=mask)
+    assert torch.equal(plain(generate)(model, tokens, 3, temperature=0, attention_mask=mask.tolist()), want)
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(pad\) and 1"):
+        model.generate(tokens, 3, attention_mask=mask * 2)
+
+
+def test_strings_take_no_attention_mask(text_model):
+    for prompt, mask in (("Hello world", torch.ones(1, 3)), (PROMPTS, torch.ones(3, 8))):
+        with pytest.raises(ValueError, match="attention_mask is for token input"):
+            text_model.generate(prompt, 2, attention_mask=mask)
+        with pytest.raises(ValueError, match="attention_mask is for token input"):
+            list(stream(text_model, prompt, 2, attention_mask=mask))
+
+
+def test_hook_names_are_checked_before_any_step(model):
+    tokens = ragged(model, (3,))[0]
+    for n in (0, 2):
+        with pytest.raises(KeyError, match="unknown hook point 'nope'"):
+            model.generate(tokens, n, fwd_hooks=[("nope", lambda x, hook: x)])
+        with pytest.raises(KeyError, match="unknown hook point 'nope'"):
+            list(stream(model, tokens, n, fwd_hooks=[("nope", lambda x, hook: x)]))
+    with pytest.raises(ValueError, match=r"fwd_hooks entry 'hook_embed' must be a \(hook name, function\) pair"):
+        model.generate(tokens, 0, fwd_hooks=["hook_embed"])
+    with pytest.raises(TypeError, match="hook function for 'hook_embed' is not callable"):
+        model.generate(tokens, 0, fwd_hooks=[("hook_embed", None)])
+    calls = []
+    hooks = ((n, lambda x, hook: calls.append(1)) for n in ["hook_embed"])  # a generator
+    model.generate(tokens, 3, fwd_hooks=hooks, temperature=0)
+    assert len(calls) == 3  # at every step, not only the first

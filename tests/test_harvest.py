@@ -4,6 +4,7 @@ two gloo ranks write what one rank writes, and bad input fails clearly without c
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -136,8 +137,14 @@ def test_killed_run_resumes_byte_identical(tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() < deadline, "the harvest subprocess wrote no shard"
         time.sleep(0.01)
+    # a second harvest into the same folder is refused, naming the process that writes it
+    with pytest.raises(OSError, match=f"being written by another harvest \\(pid {proc.pid} on "):
+        harvest(model, tokens, NAMES, out, batch_size=2, shard_tokens=16, progress=False)
+    assert proc.poll() is None
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the dead process's lock file is left behind, and does not block the resume
+    assert (out / H.LOCK).read_text() == f"pid {proc.pid} on {socket.gethostname()}\n"
     left = json.loads((out / "manifest.json").read_text())
     assert not left["complete"] and len(left["shards"]) < left["n_shards"] == 10
     assert len(list(out.glob("shard-*"))) < 10
@@ -243,6 +250,139 @@ def test_cli(tmp_path, capsys):
     h = Harvest.open(tmp_path / "out")
     assert h.n_tokens == 40 and h.hook_names == ["blocks.0.hook_resid_post", "hook_embed"]
     assert "Harvest(" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="lens harvest: unknown hook point"):
-        cli_main([str(tmp_path / "model"), str(tmp_path / "tokens.npy"), "--hooks", "hook_embd",
-                  "--out", str(tmp_path / "bad"), "--no-progress"])
+    assert cli_main([str(tmp_path / "model"), str(tmp_path / "tokens.npy"), "--hooks", "hook_embd",
+                     "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("lens harvest: error: unknown hook point 'hook_embd'")
+
+
+def small(tmp_path, **kwargs) -> Harvest:
+    """20 tokens of hook_embed in 2 shards of 10."""
+    model = make_model()
+    return harvest(model, make_tokens(model, batch=4, pos=5), "hook_embed", tmp_path,
+                   batch_size=2, shard_tokens=10, progress=False, **kwargs)
+
+
+def test_indexing_by_masks_and_bad_indices(tmp_path):
+    acts = small(tmp_path).read("hook_embed")
+    ref = acts.tensor()
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[[1, 7, 15]] = True  # rows in both shards
+    for m in (mask, mask.numpy(), mask.tolist()):
+        assert torch.equal(acts[m], ref[mask]) and acts[m].shape == (3, 16)
+    assert torch.equal(acts[mask, 2:4], ref[mask, 2:4])
+    assert torch.equal(acts[np.int64(13)], ref[13]) and torch.equal(acts[torch.tensor(-2)], ref[-2])
+    grid = torch.tensor([[0, 19], [9, 10]])
+    assert torch.equal(acts[grid], ref[grid]) and torch.equal(acts[grid, 0], ref[grid, 0])
+    assert torch.equal(acts[..., 3], ref[..., 3]) and acts[[]].shape == (0, 16)
+    with pytest.raises(IndexError, match=r"boolean mask of shape \(3,\) cannot select among 20 tokens"):
+        acts[[True, False, True]]
+    with pytest.raises(IndexError, match="boolean mask of shape"):
+        acts[torch.ones(20, 16, dtype=torch.bool)]
+    for bad in (1.5, "3", True, None, [0.5, 1.0], torch.tensor([1.0]), np.float32(2)):
+        with pytest.raises(IndexError, match="valid: an int, a slice, a list/array/tensor of ints, "
+                                             "or a boolean mask of 20 entries"):
+            acts[bad]
+
+
+def test_float_dtypes_only(tmp_path):
+    for bad in (torch.int64, torch.int8, torch.bool, "int8", "half", "torch.int32"):
+        with pytest.raises(ValueError, match=r"dtype=.* cannot hold activations; valid: None .*"
+                                             r"\['float64', 'float32', 'float16', 'bfloat16'\]"):
+            small(tmp_path / "bad", dtype=bad)
+    assert not (tmp_path / "bad").exists()
+    h = small(tmp_path / "half", dtype="float16")
+    assert h.read("hook_embed").dtype == torch.float16
+    assert h.manifest["hooks"]["hook_embed"]["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seq_len=0), "seq_len=0 must be a positive int"),
+    (dict(seq_len=-5), "seq_len=-5 must be a positive int"),
+    (dict(batch_size=True), "batch_size=True must be a positive int"),
+    (dict(queue_depth=0), "queue_depth=0 must be a positive int"),
+    (dict(queue_depth=-1), "queue_depth=-1 must be a positive int"),
+    (dict(shard_tokens=0), "shard_tokens=0 must be a positive int"),
+    (dict(seq_len=13), r"seq_len=13 exceeds the model's n_ctx=12; valid: 1 to 12"),
+])
+def test_bad_sizes(tmp_path, kwargs, message):
+    model = make_model()
+    with pytest.raises(ValueError, match=message):
+        harvest(model, make_tokens(model, batch=1, pos=40).reshape(-1), "hook_embed",
+                tmp_path / "out", progress=False, **kwargs)
+    assert not list(tmp_path.glob("out/shard-*"))
+
+
+def test_sizes_that_are_not_ints():
+    """What harvest's arguments go through (at test time the signature's `int` is checked before)."""
+    for bad in (2.5, 2.0, "4", None, True, np.float64(3)):
+        with pytest.raises(ValueError, match=re.escape(f"batch_size={bad!r} must be a positive int")):
+            H._positive_int("batch_size", bad)
+    assert H._positive_int("seq_len", np.int32(7)) == 7
+
+
+def test_rows_longer_than_the_context(tmp_path):
+    model = make_model()
+    with pytest.raises(ValueError, match="token rows hold 13 tokens, more than the model's n_ctx=12"):
+        harvest(model, make_tokens(model, batch=2, pos=13), "hook_embed", tmp_path, progress=False)
+
+
+def test_bad_files(tmp_path):
+    from lens.tokenizer import Tokenizer
+    model = make_model(d_vocab=50257)
+    model.tokenizer = Tokenizer.gpt2()
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 4)
+    np.save(tmp_path / "floats.npy", np.ones((2, 8), dtype=np.float32))
+    (tmp_path / "junk.npy").write_bytes(b"not a numpy file")
+    (tmp_path / "a file").write_text("")
+    go = lambda data, out="out": harvest(model, data, "hook_embed", out, progress=False)
+    with pytest.raises(ValueError, match="the text file .*empty.txt is empty"):
+        go(tmp_path / "empty.txt", tmp_path / "e")
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(invalid continuation byte: byte 0xe9\)"):
+        go(tmp_path / "latin1.txt", tmp_path / "l")
+    assert not list((tmp_path / "l").glob("tokens-*"))
+    with pytest.raises(ValueError, match="floats.npy holds float32 values; a token file holds integer"):
+        go(tmp_path / "floats.npy", tmp_path / "f")
+    with pytest.raises(ValueError, match="junk.npy is not a readable .npy file"):
+        go(tmp_path / "junk.npy", tmp_path / "j")
+    with pytest.raises(ValueError, match="out_dir='.*a file' is a file; give a folder"):
+        go(make_tokens(model, batch=2, pos=8), tmp_path / "a file")
+    assert (tmp_path / "a file").read_text() == ""
+
+
+def test_damaged_shard_is_refused_and_computed_again(tmp_path):
+    small(tmp_path / "whole")
+    h = small(tmp_path / "out")
+    acts = h.read("hook_embed")
+    shard = tmp_path / "out" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # cut short
+    with pytest.raises(ValueError, match="damaged harvest: .*shard-00001.safetensors.*run harvest again"):
+        Harvest.open(tmp_path / "out")
+    with pytest.raises(ValueError, match="shard-00001.safetensors"):
+        h.read("hook_embed")
+    with pytest.warns(UserWarning, match="shard-00001.safetensors.*; computing shard 1 again"):
+        small(tmp_path / "out")
+    assert files(tmp_path / "out") == files(tmp_path / "whole")
+    (tmp_path / "out" / "shard-00000.safetensors").unlink()
+    with pytest.raises(ValueError, match="shard-00000.safetensors is missing"):
+        Harvest.open(tmp_path / "out")
+    with pytest.warns(UserWarning, match="computing shard 0 again"):
+        small(tmp_path / "out")
+    assert files(tmp_path / "out") == files(tmp_path / "whole")
+    assert acts.shape == (20, 16)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{not json", r"not JSON \(Expecting property name.*\)"),
+    ("[]", "not a JSON object"),
+    (json.dumps({"format": H.FORMAT, "hooks": {}}), "no list of shards"),
+    (json.dumps({"format": "other/9", "shards": []}), "format 'other/9', not 'lens-harvest/1'"),
+])
+def test_bad_manifest(tmp_path, text, problem):
+    small(tmp_path)
+    (tmp_path / "manifest.json").write_text(text)
+    message = f"manifest.json is not a lens harvest manifest: {problem}; delete it"
+    with pytest.raises(ValueError, match=message):
+        Harvest.open(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        small(tmp_path)

@@ -169,3 +169,77 @@ def test_attention_only_and_no_layernorm_hook_points():
     assert "blocks.0.hook_resid_mid" not in names and "blocks.0.mlp.hook_post" not in names
     assert not any("ln" in n for n in names)
     assert "blocks.0.attn.hook_pattern" in names
+
+
+@pytest.mark.parametrize("name", ["blocks.1.attn.hook_z", "blocks.0.attn.hook_pattern",
+                                  "blocks.0.mlp.hook_post", "blocks.1.ln2.hook_normalized",
+                                  "blocks.1.hook_resid_mid"])
+def test_in_place_edit_then_backward_equals_returning_a_copy(model, tokens, name):
+    """An in-place edit under autograd (the README's zero_head) backpropagates, with the
+    gradients of the same edit made on a copy."""
+    def in_place(x, hook):
+        x[..., 0] = 0
+
+    def copy(x, hook):
+        x = x.clone()
+        x[..., 0] = 0
+        return x
+
+    grads = []
+    for fn in (in_place, copy):
+        model.zero_grad()
+        loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(name, fn)])
+        loss.backward()
+        grads.append(model.blocks[0].attn.W_Q.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    assert no_hooks_left(model)
+
+
+def test_a_replacement_of_another_dtype_or_device_names_the_hook(model, tokens):
+    with pytest.raises(ValueError, match=r"'blocks\.0\.hook_resid_post'.*torch\.float64.*torch\.float32"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x.double())])
+    with pytest.raises(ValueError, match=r"'blocks\.0\.hook_resid_post'.*meta.*cpu"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x.to("meta"))])
+    loss = model.run_with_hooks(tokens, return_type="loss",
+                                bwd_hooks=[("blocks.0.hook_resid_post", lambda g, hook: g.half())])
+    with pytest.raises(ValueError, match=r"backward hook on 'blocks\.0\.hook_resid_post'.*float16"):
+        loss.backward()
+    assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("fwd_hooks, match", [
+    (("blocks.0.hook_resid_pre", lambda x, hook: None), "one pair.*wrap it in a list"),
+    ([("blocks.0.hook_resid_pre", lambda x, hook: None, 3)], "has the entry"),
+    ([(5, lambda x, hook: None)], "hook name 5 .int."),
+    ([("blocks.0.hook_resid_pre", "not a function")], "not callable"),
+    ("blocks.0.hook_resid_pre", "fwd_hooks='blocks"),
+    (7, "fwd_hooks=7"),
+])
+def test_malformed_fwd_hooks_say_what_is_valid(model, tokens, fwd_hooks, match):
+    with pytest.raises(TypeError, match=match):
+        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+    with pytest.raises(TypeError, match=match):
+        with model.hooks(fwd_hooks=fwd_hooks):
+            pass
+    assert no_hooks_left(model) and model.context_level == 0
+
+
+def test_fwd_hooks_as_a_dict(model, tokens):
+    seen = []
+    model.run_with_hooks(tokens, fwd_hooks={"blocks.0.hook_resid_pre": lambda x, hook: seen.append(hook.name)})
+    assert seen == ["blocks.0.hook_resid_pre"] and no_hooks_left(model)
+
+
+def test_a_hook_without_the_hook_argument_is_named(model, tokens):
+    def f(x):
+        return x
+
+    with pytest.raises(TypeError, match=r"'f' on 'blocks\.0\.hook_resid_pre' cannot be called as fn\(activation, hook=hook_point\)"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", f)])
+
+    def raises_type_error(x, hook):
+        raise TypeError("its own")
+
+    with pytest.raises(TypeError, match="^its own$"):  # a TypeError from inside is the hook's own
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", raises_type_error)])
+    assert no_hooks_left(model)

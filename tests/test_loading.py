@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lens import GPTConfig, HookedGPT
+from lens import GPTConfig, HookedGPT, io
 from lens.loading import config_from_hf, convert_gpt2_state_dict, from_pretrained, save
 from conftest import SMALL, random_hf, write
+from test_io import refuse_opening
 
 transformers = pytest.importorskip("transformers")
 LAYOUTS = ["safetensors", "sharded", "bin", "bin_legacy"]
@@ -57,7 +58,9 @@ def test_config_from_hf_maps_gpt2_fields():
 def test_unsupported_configs_are_rejected(tmp_path):
     with pytest.raises(ValueError, match=r"model_type='bert' is not supported; lens loads \["):
         config_from_hf({"model_type": "bert", "hidden_size": 64})
-    with pytest.raises(ValueError, match="model_type='llama' lacks the field 'num_attention_heads'"):
+    with pytest.raises(ValueError, match=r"model_type='llama'\) lacks the fields \['num_attention_"
+                                         r"heads', 'num_hidden_layers', 'intermediate_size', "
+                                         r"'vocab_size'\]"):
         config_from_hf({"model_type": "llama", "hidden_size": 64})
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         config_from_hf({**transformers.GPT2Config(**SMALL).to_dict(),
@@ -300,8 +303,180 @@ def test_truncated_or_garbage_safetensors_are_refused(tmp_path):
     folder = write(random_hf(), tmp_path / "ok")
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="inconsistent offsets|not a safetensors file"):
+    with pytest.raises(io.SafetensorsError, match=r"model.safetensors: invalid safetensors header: "
+                                                  r"\d+ of its \d+ tensors end past the file's \d+ "
+                                                  r"bytes \(.*\): the file is cut short"):
         from_pretrained(folder)
     (folder / "model.safetensors").write_bytes(b"\xff" * 64)
-    with pytest.raises(ValueError, match="not a safetensors file|malformed"):
+    with pytest.raises(io.SafetensorsError, match="model.safetensors is not a safetensors file"):
         from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------- bad config files
+def _edit_config(folder: Path, name: str = "config.json", **changes) -> Path:
+    d = json.loads((folder / name).read_text())
+    d = {k: v for k, v in {**d, **changes}.items() if v is not _DROP}
+    (folder / name).write_text(json.dumps(d))
+    return folder / name
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"n_head": 0}, "n_head=0 must be a positive int"),
+    ({"n_head": "4"}, "n_head='4' must be a positive int"),
+    ({"n_embd": 32.0}, "n_embd=32.0 must be a positive int"),
+    ({"n_layer": -1, "n_positions": None}, "n_layer=-1 must be a positive int; n_positions=None must"),
+    ({"layer_norm_epsilon": "abc"}, "layer_norm_epsilon='abc' must be a positive number"),
+    ({"layer_norm_epsilon": None}, "layer_norm_epsilon=None must be a positive number"),
+    ({"n_inner": 0}, "n_inner=0 must be a positive int or null"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings='false' must be true or false"),
+    ({"activation_function": ["gelu"]}, "activation_function=['gelu'] must be a string"),
+    ({"model_type": ["gpt2"]}, "model_type=['gpt2'] must be a string"),
+    ({"n_head": _DROP, "n_embd": _DROP}, "(model_type='gpt2') lacks the fields ['n_embd', 'n_head']"),
+])
+def test_config_json_fields_of_the_wrong_type_or_range_are_refused_by_name(tmp_path, changes, named):
+    folder = write(random_hf(), tmp_path / "ckpt")
+    path = _edit_config(folder, **changes)
+    with pytest.raises(ValueError) as e:
+        from_pretrained(folder)
+    assert str(e.value).startswith(str(path)) and named in str(e.value)
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"num_attention_heads": 0}, "num_attention_heads=0 must be a positive int"),
+    ({"rms_norm_eps": "abc"}, "rms_norm_eps='abc' must be a positive number"),
+    ({"rope_parameters": [1]}, "rope_parameters=[1] must be an object or null"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": "x", "rope_theta": 1e4}},
+     "rope_parameters.factor='x' must be a positive number"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": -1}}},
+     "rope_parameters.full_attention.rope_theta=-1 must be a positive number"),
+    ({"layer_types": [1, 2]}, "layer_types=[1, 2] must be a list of strings or null"),
+    ({"hidden_act": ["silu"]}, "hidden_act=['silu'] must be a string or null"),
+])
+def test_llama_config_fields_of_the_wrong_type_are_refused_by_name(changes, named):
+    d = {**transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                    intermediate_size=48, vocab_size=50).to_dict(), **changes}
+    with pytest.raises(ValueError, match="the HF config: invalid fields") as e:
+        config_from_hf(d)
+    assert named in str(e.value)
+
+
+@pytest.mark.parametrize("content,named", [
+    ("[]", "holds a JSON array ([]); it must hold a JSON object"),
+    ("null", "holds a JSON null"),
+    ('"gpt2"', "holds a JSON string"),
+    ("{", "is not valid UTF-8 JSON"),
+    ("", "is not valid UTF-8 JSON"),
+    ("[" * 100_000, "nests JSON deeper than can be parsed|is not valid UTF-8 JSON"),
+])
+@pytest.mark.parametrize("which", ["config.json", "lens_config.json"])
+def test_a_config_file_that_is_not_a_json_object_is_refused_naming_it(tmp_path, content, named, which):
+    if which == "config.json":
+        folder = write(random_hf(), tmp_path / "ckpt")
+    else:
+        folder = save(HookedGPT(GPTConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=11, n_ctx=8)),
+                      tmp_path / "lens")
+    (folder / which).write_bytes(content.encode() if content else b"\xff")
+    with pytest.raises(ValueError) as e:
+        from_pretrained(folder)
+    assert str(e.value).startswith(str(folder / which)), str(e.value)
+    assert any(n in str(e.value) for n in named.split("|")), str(e.value)
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"n_layers": "1"}, "invalid GPTConfig: n_layers='1' must be int"),
+    ({"attn_only": "no"}, "attn_only='no' must be bool"),
+    ({"eps": True, "rotary_base": "x"}, "eps=True must be float; rotary_base='x' must be float"),
+    ({"windowed_layers": 3}, "windowed_layers=3 must be tuple or None"),
+    ({"metadata": []}, "metadata=[] must be dict"),
+    ({"n_heads": _DROP}, "GPTConfig fields ['n_heads'] are missing"),
+])
+def test_lens_config_fields_of_the_wrong_type_are_refused_naming_the_file(tmp_path, changes, named):
+    folder = save(HookedGPT(GPTConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=11, n_ctx=8)),
+                  tmp_path / "lens")
+    path = _edit_config(folder, "lens_config.json", **changes)
+    with pytest.raises(ValueError) as e:
+        from_pretrained(folder)
+    assert str(e.value).startswith(f"{path}: ") and named in str(e.value), str(e.value)
+
+
+def test_lens_weights_missing_beside_their_config_are_named(tmp_path):
+    folder = save(HookedGPT(GPTConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=11, n_ctx=8)),
+                  tmp_path / "lens")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="holds lens_config.json but not its weights, model.safetensors"):
+        from_pretrained(folder)
+
+
+def test_a_config_override_with_an_unknown_field_is_refused(tmp_path):
+    folder = write(random_hf(), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"has fields \['n_head'\] that GPTConfig lacks"):
+        from_pretrained(folder / "model.safetensors", config={"n_head": 4})
+
+
+# ---------------------------------------------------------------------- bad weight files
+@pytest.mark.parametrize("layout", ["bin", "bin_legacy"])
+@pytest.mark.parametrize("cut", [0, 10, 0.5, -3])
+def test_a_truncated_pytorch_model_bin_is_refused_naming_it(tmp_path, layout, cut):
+    folder = write(random_hf(), tmp_path / "ckpt", layout)
+    if layout == "bin_legacy":  # the pre-zip format torch.save also writes
+        sd = torch.load(folder / "pytorch_model.bin", weights_only=True)
+        torch.save(sd, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[:int(cut * len(data)) if isinstance(cut, float) else cut])
+    with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint; it may be truncated") as e:
+        from_pretrained(folder)
+    assert str(folder / "pytorch_model.bin") in str(e.value)
+
+
+@pytest.mark.parametrize("index,named", [
+    ("{", "is not valid UTF-8 JSON"),
+    ("[]", "holds a JSON array"),
+    ('{"metadata": {}}', "weight_map=None must be a non-empty object mapping tensor names to shard"),
+    ('{"weight_map": ["model.safetensors"]}', "weight_map=['model.safetensors'] must be"),
+    ('{"weight_map": {"a": 1}}', "weight_map={'a': 1} must be"),
+    ('{"weight_map": {"a": "../model.safetensors"}}',
+     "names shards ['../model.safetensors'], which are not file names"),
+    ('{"weight_map": {"a": "gone.safetensors"}}', "names shards that"),
+])
+def test_a_bad_index_file_is_refused_naming_it(tmp_path, index, named):
+    folder = write(random_hf(), tmp_path / "ckpt", "sharded")
+    (folder / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError) as e:
+        from_pretrained(folder)
+    assert str(e.value).startswith(str(folder / "model.safetensors.index.json")) and named in str(e.value)
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    folder = write(random_hf(), tmp_path / "ckpt", "sharded")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    first = load_file(folder / shards[0])
+    second = load_file(folder / shards[1])
+    save_file({**second, **{k: v for k, v in list(first.items())[:1]}}, folder / shards[1])
+    with pytest.raises(ValueError, match=r"tensors \[.*\] are both in .* and in .*; each tensor of a "
+                                         r"checkpoint must be in one file"):
+        from_pretrained(folder)
+
+
+@pytest.mark.parametrize("what", ["x.safetensors", "x.bin", "model.safetensors", "shard", "config.json"])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_fifo_or_directory_is_refused_before_it_is_opened(tmp_path, monkeypatch, what, kind):
+    """A FIFO would block the load forever: it is refused by its stat, never opened."""
+    if what.startswith("x."):
+        folder, target = tmp_path, tmp_path / what
+    else:
+        folder = write(random_hf(), tmp_path / "ckpt", "sharded" if what == "shard" else "safetensors")
+        shard = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())
+                           ["weight_map"].values()))[0] if what == "shard" else None
+        target = folder / (shard or what)
+        target.unlink()
+    os.mkfifo(target) if kind == "fifo" else target.mkdir()
+    refuse_opening(monkeypatch, target)
+    with pytest.raises(ValueError, match=r"is a FIFO \(named pipe\), not a regular file" if kind == "fifo"
+                       else "is a directory, not a regular file|holds no weights") as e:
+        from_pretrained(target if what.startswith("x.") else folder,
+                        config={"n_heads": 4} if what.startswith("x.") else None)
+    assert str(target) in str(e.value)

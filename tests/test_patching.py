@@ -2,6 +2,8 @@
 of one full forward per patch; attribution patching is exact where the model is linear in the
 patched activation; path patching equals a hand-written three-step version."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import EVERY, make_model, make_tokens
@@ -222,7 +224,7 @@ PATHS = [
     ([(0, 0), (1, 1)], [(2, 1, "k"), (2, 0, "v"), (1, 0, "q")]),
     ([(0, 1), (1, 0)], ["blocks.1.hook_resid_mid"]),
     ([(1, 1)], ["blocks.2.mlp.hook_post", (2, 0, "q")]),
-    ([(2, 0)], [(1, 1, "v")]),  # no path: the base run
+    ([(2, 1)], ["blocks.2.hook_attn_out"]),  # a head reaches its own layer's output
 ]
 
 
@@ -273,7 +275,7 @@ def test_bad_input_names_what_was_wrong(model):
         activation_patch(model, clean, corrupted[:, :4], logit_diff, progress=False)
     with pytest.raises(ValueError, match=r"\(2, 5\).*\(1, 5\)"):
         attribution_patch(model, clean, corrupted[:1], logit_diff)
-    with pytest.raises(ValueError, match=r"shape \(2, 5\); it must return a scalar or a \[batch=2\]"):
+    with pytest.raises(ValueError, match=r"shape \(2, 5\); it must return a real scalar or a real \[batch=2\]"):
         activation_patch(model, clean, corrupted, lambda lg: lg[:, :, 0], progress=False)
     with pytest.raises(ValueError, match="returned str"):
         activation_patch(model, clean, corrupted, lambda lg: "good", progress=False)
@@ -306,3 +308,94 @@ def test_result_is_a_dataclass(model):
     clean, corrupted = tokens_pair(model)
     r = activation_patch(model, clean, corrupted, logit_diff, site="resid_mid", per="layer_pos", progress=False)
     assert isinstance(r, PatchResult) and r.values.shape == (2, 5) and r.labels["layer"] == [0, 1]
+
+
+def plain(fn):
+    """fn without the test run's runtime type checks: the errors a caller sees by default."""
+    return inspect.unwrap(fn)
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    from lens.tokenizer import Tokenizer
+    m = make_model(d_vocab=50257)
+    m.tokenizer = Tokenizer.gpt2()
+    return m
+
+
+def test_prompts_may_be_strings_or_lists_of_ids(text_model):
+    def metric(logits):
+        return logits[:, -1, 3] - logits[:, -1, 5]
+
+    clean, corrupted = ["The cat sat", "A dog ran"], ["The dog sat", "A cat ran"]
+    tokens = text_model.to_tokens(clean), text_model.to_tokens(corrupted)
+    want = activation_patch(text_model, *tokens, metric, site="resid_pre", per="layer_pos", progress=False)
+    for pair in ((clean, corrupted), (tokens[0].tolist(), tokens[1].tolist())):
+        got = activation_patch(text_model, *pair, metric, site="resid_pre", per="layer_pos", progress=False)
+        assert torch.equal(got.values, want.values)
+        got = attribution_patch(text_model, *pair, metric, site="resid_pre", per="layer_pos")
+        want_attr = attribution_patch(text_model, *tokens, metric, site="resid_pre", per="layer_pos")
+        torch.testing.assert_close(got.values, want_attr.values)
+    one = activation_patch(text_model, clean[0], corrupted[0], metric, per="layer", progress=False)
+    assert one.values.shape == (2,) and one.labels["layer"] == [0, 1]
+    assert path_patch(text_model, tokens[0][0].tolist(), tokens[1][0].tolist(), metric, [(0, 0)],
+                      [(1, 0, "q")]) == path_patch(text_model, *(t[:1] for t in tokens), metric,
+                                                   [(0, 0)], [(1, 0, "q")])
+    with pytest.raises(ValueError, match=r"clean_tokens: the prompts are \[5, 3\] tokens long"):
+        activation_patch(text_model, ["The cat sat down", "A dog"], corrupted, metric, progress=False)
+    with pytest.raises(ValueError, match="corrupted_tokens is a list but neither strings nor token ids"):
+        activation_patch(text_model, [[1, 2], [3, 4]], [[1, 2], [3]], metric, progress=False)
+    with pytest.raises(TypeError, match="clean_tokens: tokens must be an integer tensor, got dtype"):
+        activation_patch(text_model, [[1.5, 2.0]], [[1, 2]], metric, progress=False)
+    with pytest.raises(ValueError, match=r"corrupted_tokens: token id 60000 is outside \[0, d_vocab=50257\)"):
+        activation_patch(text_model, [[1, 2]], [[1, 60000]], metric, progress=False)
+    with pytest.raises(ValueError, match="clean_tokens is empty"):
+        activation_patch(text_model, [], [], metric, progress=False)
+
+
+def test_metrics_return_real_values(model):
+    clean, corrupted = tokens_pair(model)
+    for metric, got in ((lambda lg: torch.complex(lg[:, -1, 3], lg[:, -1, 5]), "a torch.complex64 tensor"),
+                        (lambda lg: 1 + 2j, r"the complex number \(1\+2j\)")):
+        with pytest.raises(ValueError, match=rf"metric\(logits\) returned {got}; it must return a real scalar"):
+            activation_patch(model, clean, corrupted, metric, per="layer", progress=False)
+    # a [batch] of booleans (is the answer on top?) is a fraction of the batch
+    r = activation_patch(model, clean, corrupted, lambda lg: lg[:, -1, 3] > lg[:, -1, 5],
+                         site="resid_pre", per="layer", progress=False)
+    assert r.values.dtype == torch.float32 and set(r.values.tolist()) <= {0.0, 0.5, 1.0}
+
+
+def test_memory_budget_and_batch_size_are_positive_numbers(model):
+    clean, corrupted = tokens_pair(model)
+    for budget in ("1GB", -1, 0, float("nan"), True):
+        for fn, kw in ((activation_patch, dict(progress=False)), (attribution_patch, {}),
+                       (path_patch_senders, dict(progress=False))):
+            args = ([(1, 0, "q")],) if fn is path_patch_senders else ()
+            with pytest.raises(ValueError, match=rf"memory_budget={budget!r} must be a positive number of bytes"):
+                plain(fn)(model, clean, corrupted, logit_diff, *args, memory_budget=budget, **kw)
+    with pytest.raises(ValueError, match="batch_size=True must be a positive int"):
+        activation_patch(model, clean, corrupted, logit_diff, batch_size=True, progress=False)
+
+
+@pytest.mark.parametrize("senders,receivers,match", [
+    ([(1, 0)], [(0, 0, "q")], r"sender \(1, 0\) reaches none of the receivers \[\(0, 0, 'q'\)\]"),
+    ([(1, 0)], [(1, 1, "k")], r"sender \(1, 0\) reaches none of the receivers \[\(1, 1, 'k'\)\]"),
+    ([(1, 0)], ["blocks.1.hook_resid_pre"], r"sender \(1, 0\) reaches none .*'blocks.1.hook_resid_pre'"),
+    ([(1, 0)], [(0, 0, "q"), "blocks.1.hook_resid_post"],
+     r"receiver \(0, 0, 'q'\) reads the stream before any sender \[\(1, 0\)\] writes to it"),
+])
+def test_paths_that_do_not_exist_are_refused(model, senders, receivers, match):
+    clean, corrupted = tokens_pair(model)
+    with pytest.raises(ValueError, match=match + ".*receivers must be in a later layer than the senders"):
+        path_patch(model, clean, corrupted, logit_diff, senders, receivers)
+
+
+def test_in_a_parallel_block_the_mlp_reads_before_the_heads_write():
+    model = make_model(3, parallel_attn_mlp=True)
+    clean, corrupted = tokens_pair(model)
+    with pytest.raises(ValueError, match="reaches none of the receivers"):
+        path_patch(model, clean, corrupted, logit_diff, [(1, 0)], ["blocks.1.hook_mlp_out"])
+    got = path_patch(model, clean, corrupted, logit_diff, [(1, 0)], ["blocks.1.hook_resid_post"])
+    want = naive_path_patch(model, clean, corrupted, logit_diff, [(1, 0)], ["blocks.1.hook_resid_post"],
+                            "clean_to_corrupted")
+    assert got == pytest.approx(want, abs=1e-5, rel=1e-5)

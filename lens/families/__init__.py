@@ -2,7 +2,7 @@
 tensor names → lens weights (a plan). Every HF option lens does not implement is refused by
 name; nothing here is read by the forward pass."""
 
-from lens.families.common import Family, Plan, refuse_unknown
+from lens.families.common import Family, Plan, field_problems, refuse_unknown
 from lens.families import gemma, gpt2, llama, neox, olmo2, phi3
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in
@@ -21,4 +21,4 @@ def family(hf: dict) -> Family:
     return FAMILIES[kind]
 
 
-__all__ = ["FAMILIES", "Family", "Plan", "family", "refuse_unknown"]
+__all__ = ["FAMILIES", "Family", "Plan", "family", "field_problems", "refuse_unknown"]

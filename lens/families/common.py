@@ -3,6 +3,7 @@ readers of config.json fields that several families share (rotary, sliding windo
 for both layouts on the hub: transformers 5 (`rope_parameters`, `layer_types`) and 4
 (top-level `rope_theta` / `rope_scaling`, Pythia's `rotary_pct` / `rotary_emb_base`)."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -11,6 +12,7 @@ import einops
 from torch import Tensor
 
 from lens.config import GPTConfig
+from lens.io import brief
 
 Converter = Callable[[Tensor], dict[str, Tensor]]
 
@@ -36,6 +38,64 @@ HARMLESS = {
 }
 
 
+# ---------------------------------------------------------------------- the values lens reads
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_KINDS: dict[str, Callable[[object], bool]] = {
+    "a positive int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "an int >= 0": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "a positive number": lambda v: _number(v) and v > 0,
+    "a number in [0, 1]": lambda v: _number(v) and 0 <= v <= 1,
+    "true or false": lambda v: isinstance(v, bool),
+    "a string": lambda v: isinstance(v, str),
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "an object": lambda v: isinstance(v, dict),
+}
+# every config.json field a family reads: (what it must be, whether null is allowed); the
+# fields of rope_scaling / rope_parameters (and of a rope_parameters per layer type) too
+FIELDS: dict[str, tuple[str, bool]] = {
+    **{k: ("a positive int", False) for k in (
+        "n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_ctx", "hidden_size",
+        "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+        "original_max_position_embeddings", "sliding_window_pattern", "_sliding_window_pattern")},
+    **{k: ("a positive int", True) for k in (
+        "n_inner", "intermediate_size", "num_key_value_heads", "head_dim")},
+    **{k: ("an int >= 0", True) for k in ("sliding_window", "max_window_layers")},
+    **{k: ("a positive number", False) for k in (
+        "layer_norm_epsilon", "rms_norm_eps", "layer_norm_eps", "rope_theta", "rotary_emb_base",
+        "factor", "low_freq_factor", "high_freq_factor", "query_pre_attn_scalar")},
+    **{k: ("a positive number", True) for k in (
+        "rope_local_base_freq", "attn_logit_softcapping", "final_logit_softcapping")},
+    **{k: ("a number in [0, 1]", False) for k in ("rotary_pct", "partial_rotary_factor")},
+    **{k: ("true or false", False) for k in (
+        "tie_word_embeddings", "attention_bias", "mlp_bias", "use_parallel_residual",
+        "use_sliding_window", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+        "add_cross_attention", "reorder_and_upcast_attn")},
+    **{k: ("a string", False) for k in ("model_type", "activation_function", "rope_type", "type")},
+    **{k: ("a string", True) for k in ("hidden_act", "hidden_activation")},
+    "layer_types": ("a list of strings", True),
+    **{k: ("an object", True) for k in ("rope_scaling", "rope_parameters")},
+}
+_NESTED = ("rope_scaling", "rope_parameters")  # objects whose fields are checked as well
+
+
+def field_problems(d: dict, prefix: str = "") -> list[str]:
+    """Every field of an HF config dict that lens reads and that is not what FIELDS says it
+    must be, as "name=value must be ..."; fields lens does not read are left to refuse_unknown."""
+    problems = []
+    for key, value in d.items():
+        if key in FIELDS:
+            kind, nullable = FIELDS[key]
+            if not (value is None and nullable or _KINDS[kind](value)):
+                problems.append(f"{prefix}{key}={brief(value)} must be {kind}{' or null' * nullable}")
+                continue
+        if isinstance(value, dict) and (key in _NESTED or prefix.startswith("rope_parameters")):
+            problems += field_problems(value, f"{prefix}{key}.")
+    return problems
+
+
 @dataclass
 class Plan:
     """How a checkpoint's tensors become lens weights. tensors: HF name → (shape, converter
@@ -50,12 +110,13 @@ class Plan:
 @dataclass(frozen=True)
 class Family:
     """A checkpoint family: its HF model_type, what checkpoints it covers, config.json → spec,
-    spec → weight plan."""
+    spec → weight plan, and the config.json fields it cannot do without."""
 
     model_type: str
     examples: str
     config: Callable[[dict], GPTConfig]
     plan: Callable[[GPTConfig], Plan]
+    required: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------- converters

@@ -10,7 +10,7 @@ import math
 
 from lens.config import GPTConfig
 from lens.families.common import Family, Plan, Problems, to
-from lens.families.llama import plan, spec
+from lens.families.llama import REQUIRED, plan, spec
 
 
 def _act(d: dict, p: Problems, runs: str = "hidden_act") -> str:
@@ -78,6 +78,6 @@ def plan2(cfg: GPTConfig) -> Plan:
     return base
 
 
-FAMILY = Family("gemma", "Gemma", config, plan)
-FAMILY2 = Family("gemma2", "Gemma-2", config2, plan2)
-FAMILY3 = Family("gemma3_text", "Gemma-3 (text)", config3, plan2)
+FAMILY = Family("gemma", "Gemma", config, plan, REQUIRED)
+FAMILY2 = Family("gemma2", "Gemma-2", config2, plan2, REQUIRED)
+FAMILY3 = Family("gemma3_text", "Gemma-3 (text)", config3, plan2, REQUIRED)

@@ -15,10 +15,6 @@ _READ = {"n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_ctx", "n
 
 
 def config(d: dict) -> GPTConfig:
-    required = ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions")
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"GPT-2 config lacks {missing}")
     act = d.get("activation_function", "gelu_new")
     p = Problems("GPT-2")
     p.check(act in ACT_FROM_HF, f"activation_function={act!r} (supported: {sorted(ACT_FROM_HF)})")
@@ -87,4 +83,5 @@ def plan(cfg: GPTConfig) -> Plan:
     return Plan(tensors, ignored, strip="transformer.")
 
 
-FAMILY = Family("gpt2", "GPT-2 and distilgpt2", config, plan)
+FAMILY = Family("gpt2", "GPT-2 and distilgpt2", config, plan,
+                required=("n_layer", "n_embd", "n_head", "vocab_size", "n_positions"))

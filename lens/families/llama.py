@@ -13,6 +13,8 @@ _READ = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
          "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_theta",
          "rope_scaling", "rope_parameters", "partial_rotary_factor", "attention_bias", "mlp_bias",
          "sliding_window", "use_sliding_window", "layer_types", "max_window_layers"}
+REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+            "vocab_size")  # what spec cannot do without
 
 
 def spec(d: dict, name: str, qkv_bias: bool = False, qk_norm=None, window_rule: str = "none",
@@ -73,7 +75,7 @@ def plan(cfg: GPTConfig) -> Plan:
 
 
 def _family(model_type: str, examples: str, **diff) -> Family:
-    return Family(model_type, examples, lambda d: spec(d, examples, **diff), plan)
+    return Family(model_type, examples, lambda d: spec(d, examples, **diff), plan, REQUIRED)
 
 
 FAMILIES = (

@@ -67,4 +67,5 @@ def plan(cfg: GPTConfig) -> Plan:
     return Plan(tensors, ignored)
 
 
-FAMILY = Family("gpt_neox", "GPT-NeoX, Pythia", config, plan)
+FAMILY = Family("gpt_neox", "GPT-NeoX, Pythia", config, plan,
+                required=("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"))

@@ -3,7 +3,7 @@ post_feedforward; no norm before them) and QK-norm over the whole query and key 
 
 from lens.config import GPTConfig
 from lens.families.common import Family, Plan, to
-from lens.families.llama import plan as llama_plan, spec
+from lens.families.llama import REQUIRED, plan as llama_plan, spec
 
 
 def config(d: dict) -> GPTConfig:
@@ -25,4 +25,4 @@ def plan(cfg: GPTConfig) -> Plan:
     return base
 
 
-FAMILY = Family("olmo2", "OLMo-2", config, plan)
+FAMILY = Family("olmo2", "OLMo-2", config, plan, REQUIRED)

@@ -3,7 +3,7 @@ fused in gate_up_proj ([gate; up] rows), partial rotary and a sliding window on 
 
 from lens.config import GPTConfig
 from lens.families.common import Family, Plan, chunks, to, transposed
-from lens.families.llama import plan as llama_plan, spec
+from lens.families.llama import REQUIRED, plan as llama_plan, spec
 
 
 def config(d: dict) -> GPTConfig:
@@ -30,4 +30,4 @@ def plan(cfg: GPTConfig) -> Plan:
     return base
 
 
-FAMILY = Family("phi3", "Phi-3", config, plan)
+FAMILY = Family("phi3", "Phi-3", config, plan, REQUIRED)

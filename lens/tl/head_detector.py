@@ -33,6 +33,7 @@ from torch import Tensor
 
 from lens import sites
 from lens.circuits import duplicate_token_pattern, previous_token_pattern
+from lens.patterns import LazyPattern
 
 HeadName = Literal["previous_token_head", "duplicate_token_head", "induction_head"]
 HEAD_NAMES: tuple = get_args(HeadName)  # a tuple, as TransformerLens's (typed there as a list)
@@ -131,7 +132,7 @@ def detect_head(
     if cache is None:
         names = [sites.name("pattern", l) for l in layer2heads]
         _, cache = model.run_with_cache(tokens, names_filter=names, remove_batch_dim=True,
-                                        stop_at_layer="auto")
+                                        stop_at_layer="auto", lazy_patterns=True)
     for layer, layer_heads in layer2heads.items():
         patterns = _layer_patterns(cache, layer, seq_len)  # [n_heads, q_pos, k_pos]
         target = detection_pattern.to(patterns.device)
@@ -166,9 +167,9 @@ def _layer_to_heads(heads, n_layers: int, n_heads: int) -> dict[int, list[int]]:
     return dict(out)
 
 
-def _layer_patterns(cache, layer: int, seq_len: int) -> Float[Tensor, "n_heads query_pos key_pos"]:
+def _layer_patterns(cache, layer: int, seq_len: int) -> Union[Float[Tensor, "n_heads query_pos key_pos"], LazyPattern]:
     """One layer's [n_heads, pos, pos] attention patterns from a cache with or without a batch
-    axis of 1."""
+    axis of 1 (lazy ones compute each head's rows when it is read)."""
     p = cache["pattern", layer, "attn"]
     if p.ndim == 4 and p.shape[0] == 1:
         p = p[0]
