@@ -15,8 +15,21 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# SAELens pins transformer-lens < 4: its parity tests (tests/test_sae.py) run in an environment
+# of their own; in the main one they skip.
+SAE_VENV := .venv-sae
+SAE_STAMP := $(SAE_VENV)/.installed
+
+$(SAE_STAMP): pyproject.toml
+	$(PY) -m venv $(SAE_VENV)
+	$(SAE_VENV)/bin/pip install --quiet --upgrade pip
+	$(SAE_VENV)/bin/pip install --quiet torch==2.13.0
+	$(SAE_VENV)/bin/pip install --quiet -e '.[test,sae]' 'torch==2.13.0'
+	touch $(SAE_STAMP)
+
+test: $(STAMP) $(SAE_STAMP)
 	$(BIN)/python -m pytest -n 2 -q
+	$(SAE_VENV)/bin/python -m pytest -n 2 -q tests/test_sae.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -29,4 +42,4 @@ bench: $(STAMP)
 	for b in forward peers llama gemma2 patching tl_patching generate harvest; do $(BIN)/python bench/bench_$$b.py || exit 1; done
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SAE_VENV)

@@ -1,6 +1,6 @@
 """lens: a GPT in the residual-stream framing, every read and write of the stream a hook point."""
 
-from lens import ablation, attribution, circuits, patching
+from lens import ablation, attribution, circuits, patching, sae
 from lens.cache import ActivationCache, act_name
 from lens.check import CheckReport, check
 from lens.config import GPTConfig
@@ -9,7 +9,8 @@ from lens.factored import FactoredMatrix
 from lens.harvest import Harvest, HarvestDataset, harvest
 from lens.hooks import HookPoint
 from lens.model import HookedGPT
+from lens.sae import SAE
 
 __all__ = ["ActivationCache", "CheckReport", "FactoredMatrix", "GPTConfig", "Harvest", "HarvestDataset",
-           "HookPoint", "HookedGPT", "ablation", "act_name", "attribution", "check", "circuits",
-           "dissect", "harvest", "patching"]
+           "HookPoint", "HookedGPT", "SAE", "ablation", "act_name", "attribution", "check", "circuits",
+           "dissect", "harvest", "patching", "sae"]
