@@ -74,8 +74,11 @@ def main():
     metric = lambda logits: (logits[:, -1, 0] - logits[:, -1, 1]).mean()  # noqa: E731
     n_patches = args.layers * model.cfg.n_heads * args.pos
     fns = {
-        "lens (batched, layer-skipping)": lambda: activation_patch(
+        "lens (batched, skips layers and earlier positions)": lambda: activation_patch(
             model, clean, corrupted, metric, site="z", per="head_pos", progress=False).values,
+        "lens (batched, layer-skipping, every position)": lambda: activation_patch(
+            model, clean, corrupted, metric, site="z", per="head_pos", progress=False,
+            skip_prefix=False).values,
         "lens (layer-skipping, 1 patch/forward)": lambda: activation_patch(
             model, clean, corrupted, metric, site="z", per="head_pos", batch_size=1, progress=False).values,
         "lens naive loop (full forward per patch)": lambda: naive_sweep(model, clean, corrupted, metric),
@@ -100,7 +103,7 @@ def main():
             outs[name] = fn()
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ref_name = "lens (batched, layer-skipping)"
+    ref_name = "lens (batched, skips layers and earlier positions)"
     rows = [[name, f"{t:.2f}", f"{n_patches / t:.0f}", f"{t / med[ref_name]:.2f}",
              f"{(outs[name] - outs[ref_name]).abs().max().item():.1e}"] for name, t in med.items()]
     print(f"z × head × position patching, GPT-2-small-sized random model ({args.layers} layers, 768 wide, "

@@ -341,8 +341,9 @@ class HookedGPT(Hookable, nn.Module):
                 positions, mask = past_kv.prepare(batch, n, attention_mask, self.cfg.n_ctx, tokens.device)
             resid = None
         else:
-            if past_kv is not None:
-                raise ValueError("past_kv needs token input; it cannot be used with start_at_layer")
+            if past_kv is not None and not (isinstance(past_kv, KVCache) and past_kv.frozen):
+                raise ValueError("with start_at_layer past_kv must be a frozen KVCache (cache.freeze()): "
+                                 "the blocks before start_at_layer would not add to it")
             resid = input
             if not isinstance(resid, Tensor) or resid.ndim != 3 or resid.shape[-1] != self.cfg.d_model:
                 got = tuple(resid.shape) if isinstance(resid, Tensor) else type(resid).__name__
@@ -365,7 +366,12 @@ class HookedGPT(Hookable, nn.Module):
             if tokens is not None:
                 tokens = self.check_tokens(tokens)
             batch, n = resid.shape[:2]
-            positions, mask = self._mask_and_positions(batch, n, attention_mask, resid.device)
+            if past_kv is None:
+                positions, mask = self._mask_and_positions(batch, n, attention_mask, resid.device)
+            else:  # a suffix of the sequence: the prefix's keys and values are in past_kv
+                if len(past_kv.layers) != L:
+                    raise ValueError(f"past_kv holds {len(past_kv.layers)} layers; this model has {L}")
+                positions, mask = past_kv.prepare(batch, n, attention_mask, self.cfg.n_ctx, resid.device)
         run = self.make_run(positions, mask)
         token = POSITIONS.set(positions)
         try:
@@ -375,7 +381,7 @@ class HookedGPT(Hookable, nn.Module):
                 for block in self.blocks[start:stop]:
                     resid = block(resid, run)
             else:
-                for block, entry in zip(self.blocks, past_kv.layers):
+                for block, entry in zip(self.blocks[start:stop], past_kv.layers[start:stop]):
                     resid = block(resid, run, entry)
             if stop_at_layer is not None:
                 return resid

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lens import sites
 from lens.cache import act_name
+from lens.generate import KVCache
 from lens.model import HookedGPT
 
 Metric = Callable[[Tensor], Union[Tensor, float]]
@@ -249,7 +250,7 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
                      corrupted_tokens: Prompts, metric: Metric, site: str = "z",
                      per: str = "head_pos", direction: str = "clean_to_corrupted",
                      batch_size: Optional[int] = None, memory_budget: Union[int, float, None] = None,
-                     progress: bool = True) -> PatchResult:
+                     progress: bool = True, skip_prefix: bool = True) -> PatchResult:
     """Patch `site` ("z", "resid_pre", "pattern", ...: see SITES) from the source run into the
     base run, one patch per layer × (head) × (position) as `per` says, and score each patched run.
 
@@ -261,38 +262,73 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
     patched runs are stacked along the batch axis: batch_size patches per forward pass
     (default: as many as fit in memory_budget bytes, 1 GiB on CPU and half the free memory on
     a GPU). Each run starts at the patched layer from the base run's cached residual stream (a
-    patch of resid_post at layer l starts at layer l + 1).
+    patch of resid_post at layer l starts at layer l + 1). Per position (layer_pos, head_pos),
+    a patch at position p changes nothing before p: the run computes the positions from p on,
+    attending to the base run's keys and values before p, and its logits before p are the base
+    run's (skip_prefix=False computes every position, as a full run does; both are exact).
     """
     base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
     _check_site(model, site, per)
     _check_chunking(batch_size, memory_budget)
-    L, H = model.cfg.n_layers, _site_heads(model, site)
+    L, H, n = model.cfg.n_layers, _site_heads(model, site), base.shape[1]
     names = [act_name(site, l) for l in range(L)]
     stream = [sites.name("resid_pre", l) for l in range(L)] + [sites.name("resid_post", L - 1)]
-    grid = _grid(per, H, base.shape[1])
+    grid = _grid(per, H, n)
+    by_pos = skip_prefix and per.endswith("pos")  # a patch at position p changes nothing before p
     k = _chunk(model, base, batch_size, memory_budget, 2 * H * model.cfg.d_model if site == "result" else 0)
-    scores: list[Tensor] = []
+    pos_axis, head_axis = SITES[site]
+    scores: list[Optional[Tensor]] = [None] * (L * len(grid))
     with torch.no_grad(), tqdm(total=L * len(grid), disable=not progress,
                                desc=f"patching {site} per {per}") as bar:
         src_logits, src_cache = model.run_with_cache(src, names_filter=names)
-        base_logits, base_cache = model.run_with_cache(base, names_filter=stream)
+        base_kv = KVCache(L) if by_pos else None
+        base_logits, base_cache = model.run_with_cache(base, names_filter=stream, past_kv=base_kv)
         baselines = _baselines(metric, base_logits, src_logits)
         for l in range(L):
             start = l + 1 if site == "resid_post" else l
             source = src_cache[names[l]]
-            for i in range(0, len(grid), k):
-                patches = grid[i:i + k]
-                mask = _mask(patches, tuple(source.shape), *SITES[site], source.device)
-                x = base_cache[stream[start]].repeat(len(patches), 1, 1)
-                if site in ("resid_pre", "resid_post"):  # the patched stream is the input itself
-                    logits = model(_patch(x, mask, source), start_at_layer=start)
-                else:
-                    hook = (names[l], lambda act, hook: _patch(act, mask, source))
-                    logits = model.run_with_hooks(x, start_at_layer=start, fwd_hooks=[hook])
-                scores += _scores(metric, logits, len(patches))
-                bar.update(len(patches))
-    values = torch.stack(scores).float().cpu().view(L, *_grid_shape(per, H, base.shape[1]))
+            for p, group in _by_position(grid, by_pos):
+                for i in range(0, len(group), k):
+                    chunk = group[i:i + k]
+                    patches = [(None if q is None else q - p, h) for q, h in (grid[j] for j in chunk)]
+                    src_p = source.narrow(pos_axis, p, n - p)  # the positions the run computes
+                    mask = _mask(patches, tuple(src_p.shape), pos_axis, head_axis, source.device)
+                    x = base_cache[stream[start]][:, p:].repeat(len(chunk), 1, 1)
+                    prefix = _prefix(base_kv, p, len(chunk)) if p else None
+                    if site in ("resid_pre", "resid_post"):  # the patched stream is the input itself
+                        logits = model(_patch(x, mask, src_p), start_at_layer=start, past_kv=prefix)
+                    else:
+                        hook = (names[l], lambda act, hook: _patch(act, mask, src_p))
+                        logits = model.run_with_hooks(x, start_at_layer=start, past_kv=prefix,
+                                                      fwd_hooks=[hook])
+                    if p:  # the logits before p are the base run's
+                        logits = torch.cat([base_logits[:, :p].repeat(len(chunk), 1, 1), logits], 1)
+                    for j, score in zip(chunk, _scores(metric, logits, len(chunk))):
+                        scores[l * len(grid) + j] = score
+                    bar.update(len(chunk))
+    values = torch.stack(scores).float().cpu().view(L, *_grid_shape(per, H, n))
     return _result(model, values, base, src, site, per, direction, baselines)
+
+
+def _by_position(grid: list[Patch], by_pos: bool) -> list[tuple[int, list[int]]]:
+    """The grid's patches (indices) grouped by the first position a run must compute: their
+    position when patches are per position (earlier ones are the base run's), else 0."""
+    if not by_pos:
+        return [(0, list(range(len(grid))))]
+    groups: dict[int, list[int]] = {}
+    for j, (p, _) in enumerate(grid):
+        groups.setdefault(p, []).append(j)
+    return sorted(groups.items())
+
+
+def _prefix(base_kv: KVCache, p: int, copies: int) -> KVCache:
+    """A frozen cache of the base run's keys and values before position p, for `copies` stacked
+    runs of the positions from p on."""
+    prefix = KVCache(len(base_kv.layers))
+    for entry, base in zip(prefix.layers, base_kv.layers):
+        entry.k, entry.v = (t[:, :p].repeat(copies, 1, 1, 1) for t in (base.k, base.v))
+    prefix.freeze()
+    return prefix
 
 
 # ---------------------------------------------------------------------- attribution patching

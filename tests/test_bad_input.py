@@ -134,3 +134,20 @@ def test_answer_tokens_that_are_not_ids(model, tokens, bad):
 
 def test_answer_tokens_as_numpy_ints(model):
     assert model.token_ids(np.array([3, 4])).tolist() == [3, 4] and model.token_ids(np.int64(5)).item() == 5
+
+
+def test_a_suffix_run_over_a_frozen_prefix_equals_the_full_run(model, tokens):
+    """model(resid[:, p:], start_at_layer=l, past_kv=frozen prefix) is the full run's suffix, as
+    patching per position uses it; an unfrozen cache is refused there."""
+    from lens.generate import KVCache
+    full_kv = KVCache(2)
+    logits = model(tokens, past_kv=full_kv)
+    resid = model(tokens, stop_at_layer=1)
+    prefix = KVCache(2)
+    for entry, base in zip(prefix.layers, full_kv.layers):
+        entry.k, entry.v = base.k[:, :3], base.v[:, :3]
+    with pytest.raises(ValueError, match="frozen KVCache"):
+        model(resid[:, 3:], start_at_layer=1, past_kv=prefix)
+    prefix.freeze()
+    torch.testing.assert_close(model(resid[:, 3:], start_at_layer=1, past_kv=prefix), logits[:, 3:])
+    assert len(prefix) == 3  # read, not added to

@@ -77,6 +77,36 @@ MODELS = {
 }
 
 
+# per-position sweeps compute only the positions from the patch on, over the base run's keys
+# and values before it: held to the naive loop on rotary, grouped-query, windowed and
+# soft-capped attention too
+VARIANTS = {
+    "rotary-gqa": dict(positional_embedding=False, rotary_dim=4, n_heads=4, d_head=4, n_kv_heads=2,
+                       normalization="RMS", gated_mlp=True, act_fn="silu"),
+    "windows": dict(positional_embedding=False, rotary_dim=8, window=2, windowed_layers=(0,),
+                    local_rotary_base=100.0),
+    "softcap-qknorm": dict(positional_embedding=False, rotary_dim=8, attn_softcap=5.0, qk_norm="head",
+                           normalization="RMS", norm_offset=1.0, parallel_attn_mlp=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS))
+@pytest.mark.parametrize("site,per", [("z", "head_pos"), ("resid_pre", "layer_pos"), ("pattern", "head_pos"),
+                                      ("resid_post", "layer_pos"), ("q", "head_pos"), ("mlp_out", "layer_pos")])
+def test_per_position_sweeps_equal_the_naive_loop_on_every_attention(kind, site, per):
+    model = make_model(0, n_ctx=16, **VARIANTS[kind])
+    clean, corrupted = tokens_pair(model, pos=6)
+    logits = naive_patched_logits(model, clean, corrupted, site, per, "clean_to_corrupted")
+    for metric, batch_size in ((logit_diff, 3), (coupled, None)):
+        got = activation_patch(model, clean, corrupted, metric, site=site, per=per,
+                               batch_size=batch_size, progress=False)
+        torch.testing.assert_close(got.values, naive_values(model, logits, metric, per, clean.shape[1]),
+                                   atol=2e-5, rtol=2e-5)
+        every = activation_patch(model, clean, corrupted, metric, site=site, per=per,
+                                 batch_size=batch_size, progress=False, skip_prefix=False)
+        torch.testing.assert_close(got.values, every.values, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("site,per", CASES)
 def test_activation_patch_equals_naive_loop(kind, site, per):
