@@ -250,7 +250,8 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
                      corrupted_tokens: Prompts, metric: Metric, site: str = "z",
                      per: str = "head_pos", direction: str = "clean_to_corrupted",
                      batch_size: Optional[int] = None, memory_budget: Union[int, float, None] = None,
-                     progress: bool = True, skip_prefix: bool = True) -> PatchResult:
+                     progress: bool = True, skip_prefix: bool = True,
+                     logit_positions: Optional[Sequence[int]] = None) -> PatchResult:
     """Patch `site` ("z", "resid_pre", "pattern", ...: see SITES) from the source run into the
     base run, one patch per layer × (head) × (position) as `per` says, and score each patched run.
 
@@ -266,6 +267,9 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
     a patch at position p changes nothing before p: the run computes the positions from p on,
     attending to the base run's keys and values before p, and its logits before p are the base
     run's (skip_prefix=False computes every position, as a full run does; both are exact).
+    logit_positions: the positions the metric reads (e.g. [-1]); the final norm and the
+    unembedding then run only there, and the metric's logits hold NaN elsewhere (a metric that
+    reads another position is refused).
     """
     base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
     _check_site(model, site, per)
@@ -284,41 +288,118 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
         base_kv = KVCache(L) if by_pos else None
         base_logits, base_cache = model.run_with_cache(base, names_filter=stream, past_kv=base_kv)
         baselines = _baselines(metric, base_logits, src_logits)
+        read = _logit_positions(metric, base_logits, logit_positions)
+        finals: list[Optional[Tensor]] = [None] * len(scores)  # the final stream where read
+        plan = _plan(grid, by_pos, k, n, base.shape[0], base.device)
         for l in range(L):
             start = l + 1 if site == "resid_post" else l
             source = src_cache[names[l]]
-            for p, group in _by_position(grid, by_pos):
-                for i in range(0, len(group), k):
-                    chunk = group[i:i + k]
-                    patches = [(None if q is None else q - p, h) for q, h in (grid[j] for j in chunk)]
-                    src_p = source.narrow(pos_axis, p, n - p)  # the positions the run computes
-                    mask = _mask(patches, tuple(src_p.shape), pos_axis, head_axis, source.device)
-                    x = base_cache[stream[start]][:, p:].repeat(len(chunk), 1, 1)
-                    prefix = _prefix(base_kv, p, len(chunk)) if p else None
-                    if site in ("resid_pre", "resid_post"):  # the patched stream is the input itself
-                        logits = model(_patch(x, mask, src_p), start_at_layer=start, past_kv=prefix)
-                    else:
-                        hook = (names[l], lambda act, hook: _patch(act, mask, src_p))
-                        logits = model.run_with_hooks(x, start_at_layer=start, past_kv=prefix,
-                                                      fwd_hooks=[hook])
-                    if p:  # the logits before p are the base run's
-                        logits = torch.cat([base_logits[:, :p].repeat(len(chunk), 1, 1), logits], 1)
-                    for j, score in zip(chunk, _scores(metric, logits, len(chunk))):
-                        scores[l * len(grid) + j] = score
+            for p, chunk in plan:
+                patches = [(None if q is None else q - p, h) for q, h in (grid[j] for j in chunk)]
+                src_p = source.narrow(pos_axis, p, n - p)  # the positions the run computes
+                mask = _mask(patches, tuple(src_p.shape), pos_axis, head_axis, source.device)
+                x = base_cache[stream[start]][:, p:].repeat(len(chunk), 1, 1)
+                prefix = _prefix(base_kv, p, len(chunk)) if p else None
+                stop = None if read is None else L  # the final stream, unembedded at the end
+                if site in ("resid_pre", "resid_post"):  # the patched stream is the input itself
+                    out = model(_patch(x, mask, src_p), start_at_layer=start, past_kv=prefix,
+                                stop_at_layer=stop)
+                else:
+                    hook = (names[l], lambda act, hook: _patch(act, mask, src_p))
+                    out = model.run_with_hooks(x, start_at_layer=start, past_kv=prefix,
+                                               stop_at_layer=stop, fwd_hooks=[hook])
+                if read is not None:  # before p the final stream is the base run's
+                    full = torch.cat([base_cache[stream[L]][:, :p].repeat(len(chunk), 1, 1), out], 1)
+                    for j, rows in zip(chunk, full[:, read.to(full.device)].chunk(len(chunk))):
+                        finals[l * len(grid) + j] = rows
                     bar.update(len(chunk))
+                    continue
+                logits = out if not p else torch.cat([base_logits[:, :p].repeat(len(chunk), 1, 1), out], 1)
+                for j, score in zip(chunk, _scores(metric, logits, len(chunk))):
+                    scores[l * len(grid) + j] = score
+                bar.update(len(chunk))
+        if read is not None:
+            scores = _score_read(model, metric, finals, read, base_logits.shape)
     values = torch.stack(scores).float().cpu().view(L, *_grid_shape(per, H, n))
     return _result(model, values, base, src, site, per, direction, baselines)
 
 
-def _by_position(grid: list[Patch], by_pos: bool) -> list[tuple[int, list[int]]]:
-    """The grid's patches (indices) grouped by the first position a run must compute: their
-    position when patches are per position (earlier ones are the base run's), else 0."""
+def _logit_positions(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"],
+                     positions: Optional[Sequence[int]]) -> Optional[Tensor]:
+    """The positions (ascending, non-negative) a metric reads, checked: the metric of logits that
+    are NaN everywhere else must equal its metric of the whole logits."""
+    if positions is None:
+        return None
+    n = logits.shape[1]
+    try:
+        read = torch.as_tensor(list(positions), dtype=torch.long)
+    except (TypeError, ValueError):
+        raise TypeError(f"logit_positions={positions!r} must be a list of int positions") from None
+    if not read.numel() or read.ndim != 1 or ((read < -n) | (read >= n)).any():
+        raise ValueError(f"logit_positions={positions!r} must be positions in [-{n}, {n}) of the {n} tokens")
+    read = torch.unique(read % n)
+    masked = torch.full_like(logits, math.nan)
+    masked[:, read] = logits[:, read]
+    want, got = _score(metric, logits), _score(metric, masked)
+    if not torch.allclose(got, want, equal_nan=True):
+        raise ValueError(f"the metric reads logits at positions other than logit_positions="
+                         f"{positions!r} (its value changes when the others are NaN); give every "
+                         "position it reads, or None")
+    return read
+
+
+def _score_read(model: HookedGPT, metric: Metric, finals: list[Tensor], read: Tensor,
+                shape: tuple[int, int, int]) -> list[Tensor]:
+    """Each patch's metric of its logits [batch, pos, d_vocab]: the final norm and unembedding of
+    its final stream at the positions read, all patches' rows in large batches (one read of
+    W_U per batch), NaN at the positions not read."""
+    b, n, V = shape
+    per_chunk = max(1, min(len(finals), 2 ** 27 // (b * n * V * 4)))  # logits of ~128 MiB
+    at = read.to(finals[0].device)
+    unread = torch.ones(n, dtype=torch.bool, device=at.device)
+    unread[at] = False
+    buffer = finals[0].new_full((per_chunk * b, n, V), math.nan)  # NaN where not read
+    scores: list[Tensor] = []
+    for i in range(0, len(finals), per_chunk):
+        rows = torch.cat(finals[i:i + per_chunk])  # [c * batch, len(read), d_model]
+        logits = buffer[:len(rows)]
+        logits[:, at] = model.unembed_stage(rows, positions=at.expand(len(rows), -1))
+        version = buffer._version
+        scores += _scores(metric, logits, len(rows) // b)
+        if buffer._version != version and unread.any():  # the metric wrote in place: NaN again
+            buffer[:, unread] = math.nan
+    return scores
+
+
+def _plan(grid: list[Patch], by_pos: bool, k: int, n: int, batch: int, device) -> list[tuple[int, list[int]]]:
+    """The forward passes of one layer's patches: (first position computed, grid indices).
+    Per position, a run needs the positions from its earliest patch on; patches of nearby
+    positions share a run where the extra rows cost less than another pass over the weights
+    (a dynamic programme over the positions, counting a pass as `weight_rows` rows)."""
+    chunks = lambda idx: [idx[i:i + k] for i in range(0, len(idx), k)]  # noqa: E731
     if not by_pos:
-        return [(0, list(range(len(grid))))]
+        return [(0, c) for c in chunks(list(range(len(grid))))]
     groups: dict[int, list[int]] = {}
     for j, (p, _) in enumerate(grid):
         groups.setdefault(p, []).append(j)
-    return sorted(groups.items())
+    ps = sorted(groups)
+    counts = [0]
+    for p in ps:
+        counts.append(counts[-1] + len(groups[p]))
+    weight_rows = 512 if torch.device(device).type == "cuda" else 32
+    best, cut = [0.0] + [math.inf] * len(ps), [0] * (len(ps) + 1)
+    for i in range(1, len(ps) + 1):
+        for j in range(i):
+            count = counts[i] - counts[j]
+            cost = best[j] + math.ceil(count / k) * weight_rows + count * batch * (n - ps[j])
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    plan, i = [], len(ps)
+    while i:
+        j = cut[i]
+        plan[:0] = [(ps[j], c) for c in chunks([g for p in ps[j:i] for g in groups[p]])]
+        i = j
+    return plan
 
 
 def _prefix(base_kv: KVCache, p: int, copies: int) -> KVCache:

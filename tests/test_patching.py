@@ -105,6 +105,25 @@ def test_per_position_sweeps_equal_the_naive_loop_on_every_attention(kind, site,
         every = activation_patch(model, clean, corrupted, metric, site=site, per=per,
                                  batch_size=batch_size, progress=False, skip_prefix=False)
         torch.testing.assert_close(got.values, every.values, atol=2e-5, rtol=2e-5)
+    # the unembedding only where the metric reads (the last position; coupled reads them all)
+    read = activation_patch(model, clean, corrupted, logit_diff, site=site, per=per, progress=False,
+                            logit_positions=[-1])
+    want = activation_patch(model, clean, corrupted, logit_diff, site=site, per=per, progress=False)
+    torch.testing.assert_close(read.values, want.values, atol=2e-5, rtol=2e-5)
+    read = activation_patch(model, clean, corrupted, coupled, site=site, per=per, progress=False,
+                            logit_positions=range(clean.shape[1]))
+    torch.testing.assert_close(read.values, got.values, atol=2e-5, rtol=2e-5)
+
+
+def test_a_metric_that_reads_other_positions_than_it_says_is_refused(model):
+    clean, corrupted = tokens_pair(model)
+    with pytest.raises(ValueError, match="reads logits at positions other than logit_positions=\\[0\\]"):
+        activation_patch(model, clean, corrupted, logit_diff, site="z", per="head_pos", progress=False,
+                         logit_positions=[0])
+    for bad in ([7], [], [-9]):
+        with pytest.raises(ValueError, match="logit_positions"):
+            activation_patch(model, clean, corrupted, logit_diff, site="z", per="head_pos", progress=False,
+                             logit_positions=bad)
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
