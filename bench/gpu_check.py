@@ -145,8 +145,11 @@ def _main(argv) -> list[list[str]]:
     corrupted[:, 2] = (corrupted[:, 2] + 1) % cfg.d_vocab
     answer = int(clean[0, -1])
     metric = lambda logits: logits[:, -1, answer]
-    sweep = lambda: activation_patch(pmodel, clean, corrupted, metric, site="z", per="head_pos", progress=False)
+    sweep = lambda: activation_patch(pmodel, clean, corrupted, metric, site="z", per="head_pos",
+                                     progress=False, logit_positions=[-1])
     t_lens = timed(sweep, device, 1)
+    t_every = timed(lambda: activation_patch(pmodel, clean, corrupted, metric, site="z", per="head_pos",
+                                             progress=False, skip_prefix=False), device, 1)
     peer = ""
     if not args.no_peers:
         try:
@@ -160,7 +163,21 @@ def _main(argv) -> list[list[str]]:
         except Exception as e:  # report, do not hide, a peer that cannot run
             peer = f"TransformerLens unavailable: {type(e).__name__}: {str(e)[:60]}"
     rows.append([f"patching sweep z × head × pos ({pl} layers, {clean.shape[1]} pos)", f"lens {t_lens:.2f} s", peer,
-                 f"peak {peak_mb(sweep, device)}"])
+                 f"peak {peak_mb(sweep, device)}; every position, all logits {t_every / t_lens:.2f}x (goal TL ≥ 50x)"])
+
+    # every layer's pattern at long context: lazy (queries and keys kept) vs materialised
+    n_long = 4096 if gpu else 256
+    lcfg = lens.GPTConfig(**{**cfg.to_dict(), "n_ctx": n_long})
+    lmodel = lens.HookedGPT(lcfg).to(device).eval()
+    long = torch.randint(0, cfg.d_vocab, (1, n_long)).to(device)
+    pats = lambda n: n.endswith("hook_pattern")
+    t_plain = timed(lambda: lmodel(long), device, 2)
+    lazy = lambda: lmodel.run_with_cache(long, names_filter=pats, lazy_patterns=True)
+    full = lambda: lmodel.run_with_cache(long, names_filter=pats)
+    t_lazy, t_full = timed(lazy, device, 2), timed(full, device, 1)
+    rows.append([f"cache every hook_pattern, 1x{n_long}", f"lazy {t_lazy / t_plain:.2f}x forward, peak {peak_mb(lazy, device)}",
+                 f"materialised {t_full / t_plain:.2f}x, peak {peak_mb(full, device)}", "goal lazy ≤ 1.1x forward"])
+    del lmodel
     name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"GPU check on {name}; GPT-2-small-sized random weights, {L} layers\n")
     print(table(rows, ["check", "lens", "peer / reference", "ratio / note"]))
