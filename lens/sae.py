@@ -726,6 +726,65 @@ def run_with_cache_with_saes(model, *args, saes: Union[SAE, Iterable[SAE]] = (),
         return model.run_with_cache(*args, **kwargs)
 
 
+# ---------------------------------------------------------------------- features and logits
+_STREAM_WRITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+
+
+def _stream_write(sae: SAE) -> str:
+    """The hook point where the SAE's decoder writes into the residual stream (refused when it
+    does not write there directly: an SAE on hook_z or an MLP neuron)."""
+    out = sae.hook_name_out
+    if out.rsplit(".", 1)[-1] not in _STREAM_WRITES:
+        raise ValueError(f"the SAE at {out!r} does not write into the residual stream directly; "
+                         f"direct feature attribution and logit effects need one at {list(_STREAM_WRITES)}")
+    return out
+
+
+def feature_attribution(model, sae: SAE, cache, answer, wrong=None, pos: int = -1
+                        ) -> Float[Tensor, "batch d_sae"]:
+    """Direct feature attribution: each feature's contribution to the logit of `answer` (minus
+    `wrong`) at position `pos`, its activation times its decoder direction read through the
+    final norm with the cached scale frozen, as the cache's logit_attrs does for heads
+    (before the final soft-cap, where there is one). `cache` is from a run with the SAE spliced
+    (model.run_with_cache_with_saes), holding the features and ln_final.hook_scale. With the
+    error term on, the features, b_dec and the error sum with the other writes to the stream
+    to the logit difference."""
+    _stream_write(sae)
+    acts = cache[sae.hook_name + ".hook_sae_acts_post"]
+    if acts.ndim != 3:
+        raise ValueError(f"the cached features have shape {tuple(acts.shape)}; cache with a batch axis")
+    n = acts.shape[1]
+    if isinstance(pos, bool) or not isinstance(pos, int) or not -n <= pos < n:
+        raise ValueError(f"pos={pos!r} must be an int position in [-{n}, {n})")
+    direction = model.logit_direction(answer, wrong)  # [d_model] or [batch, d_model]
+    direction = direction.expand(acts.shape[0], -1) if direction.ndim == 1 else direction
+    if model.ln_final is not None:
+        scale = cache["ln_final.hook_scale"][:, pos]  # [batch, 1]
+        direction = model.ln_final.read_through(direction, scale)
+    W_dec = sae.W_dec.detach().to(acts.device)
+    return acts[:, pos] * (direction.to(W_dec) @ W_dec.T).to(acts.dtype)
+
+
+@torch.no_grad()
+def feature_logit_effects(model, sae: SAE, feature: int, k: int = 10) -> dict:
+    """The logit effect of one feature's decoder direction (through the final norm's weight and
+    centring, without its scale, which only rescales): {"promoted": [(token, value), ...],
+    "suppressed": [...]}, the k largest and smallest, and "values" [d_vocab]."""
+    _stream_write(sae)
+    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < sae.d_sae:
+        raise ValueError(f"feature={feature!r} must be an int in [0, d_sae={sae.d_sae})")
+    d = sae.W_dec.detach()[feature].to(model.W_U.device, model.W_U.dtype)
+    if model.ln_final is not None:
+        d = model.ln_final.frozen(d, torch.ones((), dtype=d.dtype, device=d.device))
+    values = d @ model.W_U.detach()
+    k = min(k, values.numel())
+    name = (lambda t: model.to_single_str_token(t)) if model.tokenizer is not None else (lambda t: t)
+    top, bottom = values.topk(k), values.topk(k, largest=False)
+    return {"values": values,
+            "promoted": [(name(int(t)), float(v)) for v, t in zip(*top)],
+            "suppressed": [(name(int(t)), float(v)) for v, t in zip(*bottom)]}
+
+
 # ---------------------------------------------------------------------- figures
 @torch.no_grad()
 def evaluate(model, sae: SAE, tokens: Tensor, batch_size: int = 4) -> dict:

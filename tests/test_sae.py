@@ -477,3 +477,51 @@ def test_hooked_sae_transformer_gives_the_same_logits(tmp_path, arch, cfg, hook)
                                             names_filter=lambda n: "hook_sae_acts" in n)
     for name in cache:
         torch.testing.assert_close(cache[name], tl_cache[name], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- features and logits
+def test_direct_feature_attribution_sums_to_the_logit_difference():
+    """With the SAE on the final stream and the error term on, the logit difference is the
+    features' attributions plus b_dec and the error through the frozen final norm, plus the
+    norm's bias and b_U, exactly."""
+    from lens.sae import feature_attribution
+    model = make_model()
+    tokens = make_tokens(model)
+    sae = random_sae(hook="blocks.1.hook_resid_post")
+    logits, cache = run_with_cache_with_saes(model, tokens, saes=sae, use_error_term=True)
+    a, w = 3, 5
+    attr = feature_attribution(model, sae, cache, a, w)
+    assert attr.shape == (2, 48)
+    ln = model.ln_final
+    scale = cache["ln_final.hook_scale"][:, -1]
+    direction = model.W_U[:, a] - model.W_U[:, w]
+    rest = cache["blocks.1.hook_resid_post.hook_sae_error"][:, -1] + sae.b_dec
+    total = attr.sum(-1) + ln.frozen(rest, scale) @ direction + ln.b @ direction + model.b_U[a] - model.b_U[w]
+    torch.testing.assert_close(total, logits[:, -1, a] - logits[:, -1, w], atol=1e-5, rtol=1e-5)
+    # one feature by hand, in float64
+    f = int(attr[0].abs().argmax())
+    d = sae.W_dec[f].double()
+    by_hand = cache["blocks.1.hook_resid_post.hook_sae_acts_post"][0, -1, f].double() * (
+        ((d - d.mean()) / scale[0].double()) * ln.w.double()) @ direction.double()
+    torch.testing.assert_close(attr[0, f].double(), by_hand, atol=1e-6, rtol=1e-6)
+
+
+def test_feature_logit_effects_and_bad_input():
+    from lens.sae import feature_attribution, feature_logit_effects
+    model = make_model()
+    sae = random_sae(hook="blocks.0.hook_mlp_out")
+    eff = feature_logit_effects(model, sae, 7, k=4)
+    d = sae.W_dec[7].double()
+    want = ((d - d.mean()) * model.ln_final.w.double()) @ model.W_U.double()
+    torch.testing.assert_close(eff["values"].double(), want, atol=1e-5, rtol=1e-5)
+    assert [t for t, _ in eff["promoted"]] == want.topk(4).indices.tolist()
+    assert [t for t, _ in eff["suppressed"]] == want.topk(4, largest=False).indices.tolist()
+    with pytest.raises(ValueError, match=r"feature=48 must be an int in \[0, d_sae=48\)"):
+        feature_logit_effects(model, sae, 48)
+    z_sae = random_sae(d_in=16, hook="blocks.0.attn.hook_z")
+    with pytest.raises(ValueError, match="does not write into the residual stream directly"):
+        feature_logit_effects(model, z_sae, 0)
+    tokens = make_tokens(model)
+    _, cache = run_with_cache_with_saes(model, tokens, saes=sae, use_error_term=True)
+    with pytest.raises(ValueError, match=r"pos=9 must be an int position"):
+        feature_attribution(model, sae, cache, 3, 5, pos=9)
