@@ -525,3 +525,58 @@ def test_feature_logit_effects_and_bad_input():
     _, cache = run_with_cache_with_saes(model, tokens, saes=sae, use_error_term=True)
     with pytest.raises(ValueError, match=r"pos=9 must be an int position"):
         feature_attribution(model, sae, cache, 3, 5, pos=9)
+
+
+def _naive_feature_patch(model, sae, clean, corrupted, metric, per):
+    """One full forward per patch, the SAE spliced, copying the clean feature in with a hook."""
+    name = f"{sae.hook_name}.hook_sae_acts_post"
+    with saes(model, sae, use_error_term=True):
+        _, cache = model.run_with_cache(clean, names_filter=[name])
+        out = []
+        for f in range(sae.d_sae):
+            for p in (range(clean.shape[1]) if per == "feature_pos" else [slice(None)]):
+                def put(a, hook, f=f, p=p):
+                    a = a.clone()
+                    a[:, p, f] = cache[name][:, p, f]
+                    return a
+                m = metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, put)]))
+                out.append(m.mean() if m.ndim else m)
+    return torch.stack(out).detach()
+
+
+@pytest.mark.parametrize("per", ["feature", "feature_pos"])
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"])
+def test_feature_patching_equals_the_naive_loop(per, hook):
+    from lens.sae import feature_patch
+    model = make_model()
+    clean = make_tokens(model, pos=5, seed=1)
+    corrupted = clean.clone()
+    corrupted[:, 2] = make_tokens(model, pos=5, seed=2)[:, 2]
+    sae = random_sae(hook=hook, d_sae=12)
+    metric = lambda logits: logits[:, -1, 3] - logits[:, -1, 5]  # noqa: E731
+    got = feature_patch(model, sae, clean, corrupted, metric, per=per, batch_size=5, progress=False)
+    want = _naive_feature_patch(model, sae, clean, corrupted, metric, per)
+    assert got.values.shape == ((12, 5) if per == "feature_pos" else (12,))
+    torch.testing.assert_close(got.values.flatten(), want, atol=2e-5, rtol=2e-5)
+    assert not [n for n in model.hook_dict if "hook_sae" in n]
+
+
+def test_feature_attribution_patching_equals_patching_where_linear():
+    """No final norm and the SAE on the final stream: the logits are linear in each feature,
+    so attribution patching is exact."""
+    from lens.sae import feature_attribution_patch, feature_patch
+    model = make_model(normalization=None)
+    clean = make_tokens(model, pos=5, seed=1)
+    corrupted = clean.clone()
+    corrupted[:, 2] = make_tokens(model, pos=5, seed=2)[:, 2]
+    sae = random_sae(hook="blocks.1.hook_resid_post", d_sae=12)
+    metric = lambda logits: (logits[:, -1, 3] - logits[:, -1, 5]).mean()  # noqa: E731
+    for per in ("feature", "feature_pos"):
+        act = feature_patch(model, sae, clean, corrupted, metric, per=per, progress=False)
+        attr = feature_attribution_patch(model, sae, clean, corrupted, metric, per=per)
+        assert attr.values.shape == act.values.shape
+        torch.testing.assert_close(attr.values, act.values - act.baseline, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="per='head'"):
+        feature_patch(model, sae, clean, corrupted, metric, per="head")
+    with pytest.raises(ValueError, match=r"features must be ints in \[0, d_sae=12\)"):
+        feature_patch(model, sae, clean, corrupted, metric, features=[12])
