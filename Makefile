@@ -36,6 +36,7 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lens dissect "Hello World" --plot runs/dissect
+	$(BIN)/python experiments/sae_features.py "Hello World" --out runs/sae
 	$(BIN)/python experiments/induction_heads.py --out runs/induction
 
 bench: $(STAMP)

@@ -232,3 +232,14 @@ def test_the_bundled_model_has_induction_heads(induction, tmp_path):
     # and the script's own verdicts agree
     assert all(res["checks"].values()), res["checks"]
 
+
+
+def test_sae_features_script(tmp_path, capsys):
+    """make demo's SAE step: the bundled SAE's top features on the dissected prompt, and the plot."""
+    script = load_script("sae_features")
+    out = script.main(["Hello World", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert out["tokens"] == ["<|endoftext|>", "Hello", " World"]
+    assert all(len(row) == 3 and all(v > 0 for _, v in row) for row in out["top"])
+    assert "blocks.1.hook_resid_pre: 1024 features, L0 16.0" in printed
+    assert (tmp_path / "features.png").stat().st_size > 0
