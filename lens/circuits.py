@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lens import sites
 from lens.cache import ActivationCache
+from lens.patterns import LazyPattern
 from lens.factored import FactoredMatrix
 from lens.generate import check_seed
 from lens.patching import Prompts, as_tokens
@@ -117,6 +118,7 @@ def _add_scores(patterns: list, target: Tensor, total: Tensor) -> int:
     target = target.to(patterns[0].device, total.dtype)
     rows = target.sum(-1) > 0  # [batch, query_pos]
     for l, p in enumerate(patterns):
+        p = p.tensor() if isinstance(p, LazyPattern) else p  # one layer's pattern at a time
         mass = torch.einsum("bhqk,bqk->bhq", p.to(total.dtype), target)
         total[l] += (mass * rows[:, None]).sum((0, 2))
     return int(rows.sum())
@@ -132,7 +134,8 @@ def detect_head(model, tokens: Union[Prompts, ActivationCache], pattern: Target,
     [0, 1]), or a function tokens [b, pos] -> such a mask. `tokens` may instead be a cache
     holding every layer's hook_pattern (then pattern must be a tensor); tokens are whatever
     lens.patching.as_tokens takes (a tensor, lists of ids, strings of one token length). Only
-    the patterns are cached, `batch_size` prompts at a time."""
+    the patterns are cached, `batch_size` prompts at a time, lazily (each layer's queries and
+    keys; the patterns are computed one layer at a time as they are scored)."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     total = torch.zeros(L, H, dtype=torch.float64)
     names = _pattern_names(model)
@@ -154,7 +157,8 @@ def detect_head(model, tokens: Union[Prompts, ActivationCache], pattern: Target,
         total = total.to(tokens.device)
         full = None if callable(pattern) else _check_target(pattern, tokens.shape[0], n_pos)
         for chunk in tokens.split(batch_size):
-            _, cache = model.run_with_cache(chunk, names_filter=names, stop_at_layer="auto")
+            _, cache = model.run_with_cache(chunk, names_filter=names, stop_at_layer="auto",
+                                            lazy_patterns=True)
             b = chunk.shape[0]
             target = (_check_target(pattern(chunk), b, n_pos) if full is None
                       else full[start:start + b])
