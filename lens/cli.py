@@ -1,7 +1,8 @@
 """The `lens` command line: `lens dissect TEXT` walks one prompt through a model's forward pass
 (see lens.dissect), `lens harvest` writes activations over a dataset to disk (see
 lens.harvest), `lens check PATH` compares a checkpoint loaded by lens with transformers' model of
-it and checks the residual-stream identities (see lens.check), `lens demo` lists a small random
+it and checks the residual-stream identities (see lens.check), `lens feature SAE N` prints (and
+plots) one SAE feature's card (see lens.sae.feature_card), `lens demo` lists a small random
 model's hook points with their shapes."""
 
 import argparse
@@ -115,6 +116,32 @@ def check(args) -> int:
     return 0 if report.ok else 1
 
 
+def feature(args) -> None:
+    import lens
+    from lens import io
+    from lens.sae import _resolve, feature_card
+
+    sae = lens.SAE.load(args.sae)
+    name = args.model or sae.metadata.get("model")
+    if name is None:
+        raise ValueError(f"the SAE {args.sae!r} does not name its model: give --model")
+    model = lens.HookedGPT.from_pretrained_no_processing(name)
+    if args.text:
+        tokens = [model.to_tokens(t)[0] for t in args.text]
+        n = min(len(t) for t in tokens)  # one length: each prompt's first n tokens
+        tokens = torch.stack([t[:n] for t in tokens])
+    else:
+        saved = _resolve(args.sae, None) / "heldout.safetensors"
+        if not saved.is_file():
+            raise ValueError(f"no tokens are saved with the SAE {args.sae!r}: give --text")
+        tokens = io.SafetensorsFile(saved).get("tokens")
+    card = feature_card(model, sae, args.feature, tokens, k=args.k)
+    print(card)
+    if args.plot:
+        card.plot(args.plot)
+        print(f"\ncard written to {args.plot}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["harvest"]:  # its own parser, so that `lens harvest -h` shows its options
@@ -153,6 +180,16 @@ def main(argv=None) -> int:
                    help="largest |log-prob difference| that passes (default by dtype, "
                    "1e-4 for float32)")
     p.set_defaults(fn=check)
+    p = sub.add_parser("feature", help="one SAE feature's card: top activating contexts, how often "
+                       "it fires, its logit effects")
+    p.add_argument("sae", help="bundled SAE name, SAELens / Gemma Scope / lens SAE path")
+    p.add_argument("feature", type=int)
+    p.add_argument("--model", default=None, help="the model it reads (default the one its metadata names)")
+    p.add_argument("--text", nargs="+", metavar="TEXT",
+                   help="prompts to scan (default the tokens saved with the SAE)")
+    p.add_argument("--k", type=int, default=8, help="top contexts shown")
+    p.add_argument("--plot", metavar="PNG", help="write the card as a PNG here")
+    p.set_defaults(fn=feature)
     args = parser.parse_args(argv)
     return run_command(f"lens {args.command}", args.fn, args)
 

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -884,6 +885,106 @@ def feature_attribution_patch(model, sae: SAE, clean_tokens, corrupted_tokens, m
     forward = direction == "clean_to_corrupted"
     return P.PatchResult(values, labels, acts_name, per, direction,
                          src_m if forward else base_m, base_m if forward else src_m)
+
+
+# ---------------------------------------------------------------------- feature cards
+@dataclass
+class FeatureCard:
+    """One feature on a set of tokens: its top activating contexts (the activating token
+    marked), how often and how strongly it fires, and the tokens its decoder direction
+    promotes and suppresses. `str(card)` is a text card; `card.plot(path)` a PNG."""
+
+    feature: int
+    hook_name: str
+    contexts: list  # [(str tokens of the window, index of the activating token in it, activation)]
+    activations: Tensor  # every position's activation [n_positions]
+    promoted: list
+    suppressed: list
+
+    @property
+    def frequency(self) -> float:
+        return float((self.activations > 0).float().mean())
+
+    def __str__(self) -> str:
+        lines = [f"feature #{self.feature} of the SAE at {self.hook_name}: active at "
+                 f"{100 * self.frequency:.2f}% of {len(self.activations)} positions, max "
+                 f"{float(self.activations.max()):.3f}", "top contexts:"]
+        for toks, at, v in self.contexts:
+            text = "".join(f"[[{t}]]" if i == at else t for i, t in enumerate(toks))
+            lines.append(f"  {v:7.3f}  {text!r}")
+        lines.append("promotes:  " + ", ".join(f"{t!r} {v:+.2f}" for t, v in self.promoted))
+        lines.append("suppresses: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in self.suppressed))
+        return "\n".join(lines)
+
+    def plot(self, path=None):
+        """Top contexts (activating token in bold), the histogram of nonzero activations and
+        the top logit effects; saved to `path` when given. Returns the matplotlib Figure."""
+        from lens.plot import _plt
+        plt = _plt()
+        fig = plt.figure(figsize=(11, 2.2 + 0.35 * len(self.contexts)))
+        grid = fig.add_gridspec(2, 2, height_ratios=[max(1, len(self.contexts)), 4])
+        ax = fig.add_subplot(grid[0, :])
+        ax.axis("off")
+        ax.set_title(f"feature #{self.feature} at {self.hook_name} (active at {100 * self.frequency:.2f}% "
+                     "of positions)", loc="left", fontsize=10)
+        for row, (toks, at, v) in enumerate(self.contexts):
+            y = 1 - (row + 0.5) / max(1, len(self.contexts))
+            shown = lambda t: t.replace("\n", "⏎")  # noqa: E731
+            before, after = shown("".join(toks[:at]))[-60:], shown("".join(toks[at + 1:]))[:50]
+            token = shown(toks[at]).replace(" ", "␣")
+            char = 0.0064  # a monospace character at 8 pt, in axes widths
+            ax.text(0.0, y, f"{v:6.2f}", family="monospace", fontsize=8, va="center")
+            ax.text(0.45, y, before, family="monospace", fontsize=8, va="center", ha="right")
+            ax.text(0.451, y, token, family="monospace", fontsize=8, va="center", weight="bold",
+                    color="darkred")
+            ax.text(0.452 + char * len(token), y, after, family="monospace", fontsize=8, va="center")
+        hist = fig.add_subplot(grid[1, 0])
+        live = self.activations[self.activations > 0].float().cpu()
+        hist.hist(live.numpy() if len(live) else [0.0], bins=30, color="tab:blue")
+        hist.set_title("nonzero activations", fontsize=9)
+        bars = fig.add_subplot(grid[1, 1])
+        effects = self.promoted[::-1] + self.suppressed
+        bars.barh(range(len(effects)), [v for _, v in effects],
+                  color=["tab:green" if v > 0 else "tab:red" for _, v in effects])
+        bars.set_yticks(range(len(effects)), [repr(t) for t, _ in effects], fontsize=7)
+        bars.set_title("logit effect of the decoder direction", fontsize=9)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+        return fig
+
+
+@torch.no_grad()
+def feature_card(model, sae: SAE, feature: int, tokens, k: int = 8, context: int = 8,
+                 batch_size: int = 8, use_error_term: bool = True) -> FeatureCard:
+    """The card of one feature over `tokens` [batch, pos] (or text): its k top activating
+    contexts (`context` tokens either side of the activating one), every position's activation
+    and its top logit effects."""
+    from lens.patching import as_tokens
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be a positive int")
+    effects = feature_logit_effects(model, sae, feature, k=min(k, 10))  # checks the feature
+    tokens = as_tokens(model, tokens)
+    name = sae.hook_name + ".hook_sae_acts_post"
+    acts = []
+    with _splice(model, sae, use_error_term=use_error_term):
+        for chunk in tokens.split(batch_size):
+            _, cache = model.run_with_cache(chunk, names_filter=[name])
+            acts.append(cache[name][..., feature].float().cpu())
+    acts = torch.cat(acts)  # [batch, pos]
+    flat = acts.flatten()
+    top = flat.topk(min(k, int((flat > 0).sum()) or 1))
+    n = tokens.shape[1]
+    contexts = []
+    for v, i in zip(top.values.tolist(), top.indices.tolist()):
+        if v <= 0:
+            break
+        b, p = divmod(i, n)
+        lo, hi = max(0, p - context), min(n, p + context + 1)
+        window = tokens[b, lo:hi]
+        toks = model.to_str_tokens(window) if model.tokenizer is not None else [str(t) for t in window.tolist()]
+        contexts.append((toks, p - lo, v))
+    return FeatureCard(feature, sae.hook_name, contexts, flat, effects["promoted"], effects["suppressed"])
 
 
 # ---------------------------------------------------------------------- figures

@@ -4,6 +4,7 @@ loading and saving (lens, SAELens and Gemma Scope files), weight processing, bad
 parity with SAELens where it is installed."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -580,3 +581,30 @@ def test_feature_attribution_patching_equals_patching_where_linear():
         feature_patch(model, sae, clean, corrupted, metric, per="head")
     with pytest.raises(ValueError, match=r"features must be ints in \[0, d_sae=12\)"):
         feature_patch(model, sae, clean, corrupted, metric, features=[12])
+
+
+def test_feature_card_of_the_bundled_sae(tmp_path, capsys):
+    from lens import io
+    from lens.cli import main
+    from lens.sae import feature_card
+    sae = SAE.load("lens-tiny-attn2l-sae")
+    model = lens.HookedGPT.from_pretrained_no_processing("lens-tiny-attn2l")
+    tokens = io.SafetensorsFile(Path(lens.__file__).parent / "models/lens-tiny-attn2l-sae/heldout.safetensors").get("tokens")[:2]
+    card = feature_card(model, sae, 295, tokens, k=4, context=3)
+    # the activations, and each context's value, equal those of a spliced run read directly
+    name = sae.hook_name + ".hook_sae_acts_post"
+    _, cache = run_with_cache_with_saes(model, tokens, saes=sae, use_error_term=True, names_filter=[name])
+    acts = cache[name][..., 295].flatten()
+    torch.testing.assert_close(card.activations, acts)
+    values = [v for _, _, v in card.contexts]
+    assert values == sorted(values, reverse=True) and values[0] == pytest.approx(float(acts.max()))
+    assert card.frequency == pytest.approx(float((acts > 0).float().mean()))
+    for toks, at, _ in card.contexts:
+        assert 0 <= at < len(toks) <= 7
+    assert f"feature #295 of the SAE at {sae.hook_name}" in str(card) and "[[" in str(card)
+    card.plot(tmp_path / "card.png")
+    assert (tmp_path / "card.png").stat().st_size > 0
+    assert main(["feature", "lens-tiny-attn2l-sae", "295", "--k", "2", "--plot", str(tmp_path / "c.png")]) == 0
+    assert "top contexts:" in capsys.readouterr().out and (tmp_path / "c.png").exists()
+    assert main(["feature", "lens-tiny-attn2l-sae", "5000"]) == 2
+    assert "feature=5000 must be an int in [0, d_sae=1024)" in capsys.readouterr().err
