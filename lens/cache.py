@@ -13,7 +13,8 @@ from torch import Tensor
 
 from lens import io, sites
 from lens.hooks import check_incl_bwd
-from lens.patterns import RECORDERS, LazyPattern
+from lens.components import RECORDERS
+from lens.patterns import LazyPattern
 
 @runtime_checkable
 class SliceLike(Protocol):

@@ -8,6 +8,7 @@ hook points are computed only when someone hooks them, and hooks that only read 
 of the forward pass. Per-call facts (positions, masks, rotary angles) arrive in a `Run`, never
 through state on the model."""
 
+import contextvars
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,6 @@ from torch import Tensor, nn
 
 from lens.config import GPTConfig
 from lens.hooks import HookPoint
-from lens.patterns import RECORDERS, softmax_rows
 
 _ACT = {
     "gelu": F.gelu,
@@ -319,6 +319,26 @@ def softcap(x: Tensor, cap: float) -> Tensor:
     return cap * torch.tanh(x / cap)
 
 
+def attention_scores(q: Float[Tensor, "batch query_pos n_heads d_head"],
+                     k: Float[Tensor, "batch key_pos n_heads d_head"], scale: float,
+                     cap: Optional[float]) -> Float[Tensor, "batch n_heads query_pos key_pos"]:
+    """q · k × scale per head (k one per query head), soft-capped when there is a cap: the
+    scores before the mask, as attention and lazy patterns (lens.patterns) compute them."""
+    scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * scale
+    return scores if cap is None else softcap(scores, cap)
+
+
+def softmax_rows(scores: Tensor, dtype: torch.dtype) -> Tensor:
+    """The pattern from masked scores, as attention computes it (16-bit scores in float32)."""
+    return torch.softmax(scores.float() if scores.dtype in _HALF else scores, dim=-1).to(dtype)
+
+
+# {Attention module: fn(q, k, mask, pattern)} for the call running in this thread: the
+# attention layers whose pattern a lazy cache records (the pattern itself where hooks changed
+# it, else None).
+RECORDERS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("pattern_recorders", default=None)
+
+
 def per_query_head(t: Tensor, groups: int, axis: int) -> Tensor:
     """Key/value heads repeated along `axis` so that there is one per query head: under
     grouped-query attention query head h reads key/value head h // groups."""
@@ -474,10 +494,8 @@ class Attention(nn.Module):
     def hooked_pattern(self, q: Tensor, k: Tensor, mask: Optional[Tensor]
                        ) -> tuple[Float[Tensor, "batch n_heads query_pos key_pos"], bool]:
         """(the pattern as the hooks leave it, whether they kept the scores and the pattern)."""
-        k = per_query_head(k, self.groups, 2)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.scale
-        if self.softcap is not None:  # hook_attn_scores sees the capped scores
-            scores = softcap(scores, self.softcap)
+        # hook_attn_scores sees the capped scores
+        scores = attention_scores(q, per_query_head(k, self.groups, 2), self.scale, self.softcap)
         if mask is None:
             mask = _causal(*scores.shape[-2:], q.device)
         scores, kept_scores = _observe(self.hook_attn_scores, scores.masked_fill(~mask, float("-inf")))

@@ -186,12 +186,12 @@ class HookPoint(nn.Module):
         return POSITIONS.get()
 
     def _hooks(self, dir: str) -> list[HookHandle]:
-        """The handles of `dir` that run here in this thread, in run order (a new list)."""
+        """The handles of `dir` that run here in this thread, in run order (a read-only list)."""
         model = self._model_hooks[dir]
         call = _CALL_HOOKS.get().get(self)
         if not call or not call[dir == "bwd"]:
-            return list(model)
-        return sorted(model + list(call[dir == "bwd"]), key=lambda h: h.order)
+            return _Handles(model)
+        return _Handles(sorted(model + list(call[dir == "bwd"]), key=lambda h: h.order))
 
     def _set_hooks(self, dir: str, handles) -> None:
         handles = list(handles)
@@ -204,18 +204,9 @@ class HookPoint(nn.Module):
         model = self._model_hooks[dir]
         if any(which(h) for h in model):
             model[:] = [h for h in model if not which(h)]
-        table = _CALL_HOOKS.get()
-        call = table.get(self)
-        if call and any(which(h) for h in call[dir == "bwd"]):
-            fwd, bwd = call
-            fwd, bwd = (tuple(h for h in fwd if not which(h)), bwd) if dir == "fwd" \
-                else (fwd, tuple(h for h in bwd if not which(h)))
-            table = dict(table)
-            if fwd or bwd:
-                table[self] = (fwd, bwd)
-            else:
-                del table[self]
-            _CALL_HOOKS.set(table)
+        call = _CALL_HOOKS.get().get(self)
+        if call:
+            _drop_call_handles([h for h in call[dir == "bwd"] if which(h)])
 
     # ------------------------------------------------------------------ TransformerLens's API
     def add_hook(self, hook: HookFn, dir: str = "fwd", is_permanent: bool = False,
@@ -276,6 +267,19 @@ class HookPoint(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, fwd={len(self.fwd_hooks)}, bwd={len(self.bwd_hooks)}"
+
+
+class _Handles(list):
+    """hp.fwd_hooks / hp.bwd_hooks: the handles that run, read-only (a list is built for each
+    read, so an edit would change nothing): add hooks with add_hook, take them off with
+    handle.remove() or remove_hooks, or assign a new list to hp.fwd_hooks."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("hp.fwd_hooks / bwd_hooks is read-only: use hp.add_hook / handle.remove() / "
+                        "hp.remove_hooks, or assign a new list (hp.fwd_hooks = [...])")
+
+    append = extend = insert = remove = pop = clear = sort = reverse = _refuse
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
 
 
 def _add_call_handles(handles: list[HookHandle]) -> None:

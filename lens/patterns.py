@@ -10,24 +10,16 @@ computes the rows asked for on access, in chunks. The forward pass stays on the 
     cache["pattern", 3].tensor()           # every row (batch × heads × pos², as materialised)
 """
 
-import contextvars
 from typing import Optional, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-# {Attention module: fn(q, k, mask, pattern)} for the call running in this thread: the
-# attention layers whose pattern a lazy cache records (the pattern itself, when hooks there
-# materialised it, else None).
-RECORDERS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("pattern_recorders", default=None)
-_HALF = (torch.float16, torch.bfloat16)
+from lens.components import _causal, attention_scores, per_query_head, softmax_rows
+
 Index = Union[int, slice, list, Tensor, type(Ellipsis), None]
 
-
-def softmax_rows(scores: Tensor, dtype: torch.dtype) -> Tensor:
-    """The pattern from masked scores, as attention computes it (16-bit scores in float32)."""
-    return torch.softmax(scores.float() if scores.dtype in _HALF else scores, dim=-1).to(dtype)
 
 
 class LazyPattern:
@@ -111,20 +103,14 @@ class LazyPattern:
         """The pattern of batch rows b, heads h and (cached) query rows `rows`."""
         q = self.q.index_select(0, b).index_select(2, h).index_select(1, rows)
         groups = self.q.shape[2] // self.k.shape[2]
-        k = self.k.index_select(0, b).index_select(2, torch.div(h, groups, rounding_mode="floor"))
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.scale
-        if self.softcap is not None:
-            from lens.components import softcap
-            scores = softcap(scores, self.softcap)
-        n_q_call = self.n_call_queries
+        k = per_query_head(self.k.index_select(0, b), groups, 2).index_select(2, h)
+        scores = attention_scores(q, k, self.scale, self.softcap)
         absolute = self.query_rows.index_select(0, rows)  # query rows within the call
         if self.mask is not None:
             m = self.mask if self.mask.shape[0] == 1 else self.mask.index_select(0, b)
             allowed = m.index_select(2, absolute)  # [b or 1, 1, q, k]
-        else:  # causal: query i of the call is key position n_k - n_q + i
-            n_k = self.k.shape[1]
-            allowed = (torch.arange(n_k, device=scores.device)
-                       <= (absolute + (n_k - n_q_call))[:, None])[None, None]
+        else:
+            allowed = _causal(self.n_call_queries, self.k.shape[1], q.device).index_select(0, absolute)
         return softmax_rows(scores.masked_fill(~allowed, float("-inf")), self.q.dtype)
 
     def rows(self, batch=None, head=None, query=None) -> Float[Tensor, "b h q key_pos"]:

@@ -800,11 +800,6 @@ def _features(sae: SAE, features) -> list[int]:
     return feats
 
 
-def _start_layer(model, hook_name: str) -> int:
-    m = re.match(r"blocks\.(\d+)\.", hook_name)
-    return int(m.group(1)) if m else 0
-
-
 def feature_patch(model, sae: SAE, clean_tokens, corrupted_tokens, metric, per: str = "feature",
                   features=None, direction: str = "clean_to_corrupted", use_error_term: bool = True,
                   batch_size: Optional[int] = None, progress: bool = True):
@@ -822,7 +817,7 @@ def feature_patch(model, sae: SAE, clean_tokens, corrupted_tokens, metric, per: 
     base, src = P._runs(model, clean_tokens, corrupted_tokens, direction)
     P._check_chunking(batch_size, None)
     feats, n = _features(sae, features), base.shape[1]
-    acts_name, start = f"{sae.hook_name}.hook_sae_acts_post", _start_layer(model, sae.hook_name)
+    acts_name, start = f"{sae.hook_name}.hook_sae_acts_post", model.hook_dict[sae.hook_name].layer() or 0
     stream = sites.name("resid_pre", start)
     grid = [(f, p) for f in feats for p in (range(n) if per == "feature_pos" else [None])]
     k = batch_size or max(1, min(len(grid), 2 ** 30 // max(1, base.numel() * (

@@ -243,3 +243,17 @@ def test_a_hook_without_the_hook_argument_is_named(model, tokens):
     with pytest.raises(TypeError, match="^its own$"):  # a TypeError from inside is the hook's own
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", raises_type_error)])
     assert no_hooks_left(model)
+
+
+def test_fwd_hooks_is_read_only_but_assignable(model, tokens):
+    """hp.fwd_hooks is built for each read (model-wide and this thread's hooks), so an in-place
+    edit, which TransformerLens's list would take, is refused instead of changing nothing."""
+    hp = model.hook_dict["blocks.0.hook_resid_pre"]
+    handle, = model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: None)
+    for edit in (lambda l: l.append(handle), lambda l: l.pop(), lambda l: l.clear(),
+                 lambda l: l.__setitem__(0, handle)):
+        with pytest.raises(TypeError, match="read-only"):
+            edit(hp.fwd_hooks)
+    assert hp.fwd_hooks == [handle]
+    hp.fwd_hooks = []
+    assert no_hooks_left(model)
