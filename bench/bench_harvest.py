@@ -1,7 +1,9 @@
-"""lens.harvest on CPU: throughput against plain forward passes over the same batches, and peak
-memory (VmHWM, one subprocess per dataset size) to show it does not grow with the dataset.
+"""lens.harvest on CPU: throughput against plain forward passes over the same batches, peak
+memory (VmHWM, one subprocess per dataset size) to show it does not grow with the dataset, and
+SAE features written sparsely against the dense hook point they read (and against the dense
+features, written through a splice).
 
-    python bench/bench_harvest.py [--tokens 16384] [--mem-tokens 8192] [--threads 1]
+    python bench/bench_harvest.py [--tokens 16384] [--mem-tokens 8192] [--threads 1] [--features-only]
 """
 
 import argparse
@@ -61,6 +63,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the writer thread runs beside them)")
     p.add_argument("--mem-tokens", type=int, default=8192, help="smallest size in the memory table")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--features-only", action="store_true", help="only the SAE features table")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -69,6 +72,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     try:
         m, path = model(), tokens_file(tmp, args.tokens)
+        if args.features_only:
+            return features(m, path, tmp, args)
         data = torch.from_numpy(np.load(path)).long()
         last = 1 + max(int(h.split(".")[1]) for h in HOOKS)
 
@@ -100,8 +105,50 @@ def main() -> None:
             rows.append([n, f"{act / 2**20:.0f}", base, peak, peak - base])
         print("\npeak memory (VmHWM, MiB; one process per size):\n")
         print(table(rows, ["tokens", "activations MiB", "before harvest", "peak", "harvest's extra"]))
+        features(m, path, tmp, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def features(m, path: Path, tmp: Path, args) -> None:
+    """Sparse SAE features (TopK, 16x expansion) against the dense hook point they read."""
+    from lens.sae import SAE, saes
+    hook = "blocks.1.hook_resid_post"
+    torch.manual_seed(1)
+    sae = SAE(CFG["d_model"], 16 * CFG["d_model"], hook, activation="topk", k=32)
+    with torch.no_grad():
+        for q in sae.parameters():
+            q.normal_(0, 0.05)
+    kw = dict(batch_size=BATCH, shard_tokens=SHARD, progress=False)
+
+    def run(name, **extra):
+        shutil.rmtree(tmp / name, ignore_errors=True)
+        harvest(m, path, extra.pop("hooks", []), tmp / name, **kw, **extra)
+
+    def dense_features():
+        with saes(m, sae, use_error_term=True):
+            run("dense_features", hooks=[hook + ".hook_sae_acts_post"])
+
+    data = torch.from_numpy(np.load(path)).long()
+
+    @torch.no_grad()
+    def forward_and_encode():  # the arithmetic a sparse harvest cannot avoid, nothing written
+        for s in range(0, len(data), BATCH):
+            _, cache = m.run_with_cache(data[s:s + BATCH], names_filter=[hook], stop_at_layer="auto")
+            sae._encode(cache[hook].reshape(-1, CFG["d_model"]), hooked=False, sparse=True)
+
+    t = timeit({"dense hook point": lambda: run("dense", hooks=[hook]),
+                "(no harvest: the forward and the SAE's encode)": forward_and_encode,
+                "sparse features (top_k=16)": lambda: run("sparse", saes=sae, top_k=16),
+                "dense features (spliced)": dense_features}, repeats=args.repeats, warmup=1)
+    ref = t["dense hook point"]
+    size = {"dense hook point": "dense", "sparse features (top_k=16)": "sparse",
+            "dense features (spliced)": "dense_features"}
+    written = lambda k: (f"{sum(p.stat().st_size for p in (tmp / size[k]).glob('shard-*')) / 2**20:.1f}"  # noqa: E731
+                         if k in size else "")
+    rows = [[k, f"{args.tokens / v:,.0f}", f"{v:.2f}", f"{ref / v:.2f}x", written(k)] for k, v in t.items()]
+    print(f"\nSAE features: TopK k=32, {sae.d_sae} features at {hook}, {args.tokens} tokens\n")
+    print(table(rows, ["harvest of", "tokens/s", "seconds", "throughput vs dense hook point", "MiB written"]))
 
 
 if __name__ == "__main__":

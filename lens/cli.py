@@ -126,7 +126,10 @@ def feature(args) -> None:
     if name is None:
         raise ValueError(f"the SAE {args.sae!r} does not name its model: give --model")
     model = lens.HookedGPT.from_pretrained_no_processing(name)
-    if args.text:
+    if args.harvest:
+        from lens.harvest import Harvest
+        tokens = Harvest.open(args.harvest)
+    elif args.text:
         tokens = [model.to_tokens(t)[0] for t in args.text]
         n = min(len(t) for t in tokens)  # one length: each prompt's first n tokens
         tokens = torch.stack([t[:n] for t in tokens])
@@ -187,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="the model it reads (default the one its metadata names)")
     p.add_argument("--text", nargs="+", metavar="TEXT",
                    help="prompts to scan (default the tokens saved with the SAE)")
+    p.add_argument("--harvest", metavar="DIR", help="a harvest of this SAE's features (lens harvest "
+                   "--sae) to read the top contexts from")
     p.add_argument("--k", type=int, default=8, help="top contexts shown")
     p.add_argument("--plot", metavar="PNG", help="write the card as a PNG here")
     p.set_defaults(fn=feature)

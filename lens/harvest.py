@@ -1,12 +1,15 @@
 """Harvesting activations: run a model over a token dataset and write chosen hook points to
 disk as sharded safetensors with a manifest and running statistics; resumable, data parallel
-under torchrun, and read back memory-mapped (Harvest, ShardedActivations, HarvestDataset)."""
+under torchrun, and read back memory-mapped (Harvest, ShardedActivations, HarvestDataset).
+SAE features are written sparsely (indices and values per token) with each feature's top
+activating tokens (SparseFeatures)."""
 
 import argparse
 import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import queue
 import socket
@@ -205,7 +208,21 @@ def _read_manifest(path: Path) -> dict:
                      "folder) to harvest again from the start")
 
 
-def _shard_problem(out_dir: Path, shard: dict, hooks: dict) -> Optional[str]:
+def _expected(manifest: dict, n: int, nnz: dict[str, int]) -> dict[str, tuple[list, str]]:
+    """{entry: (shape, dtype)} of a shard of n tokens, nnz[name] values stored per SAE."""
+    want = {name: ([n, *h["shape"]], h["dtype"]) for name, h in manifest["hooks"].items()}
+    features = manifest.get("features") or {}
+    if features:
+        want["tokens"] = ([n], "int32")
+    for name, f in features.items():
+        k, d, m = f["top_k"], f["d_sae"], nnz.get(name, -1)
+        want.update({f"{name}:indptr": ([n + 1], "int64"), f"{name}:indices": ([m], "int32"),
+                     f"{name}:values": ([m], f["dtype"]), f"{name}:top_values": ([d, k], "float32"),
+                     f"{name}:top_tokens": ([d, k], "int64")})
+    return want
+
+
+def _shard_problem(out_dir: Path, shard: dict, manifest: dict) -> Optional[str]:
     """Why a recorded shard's file is not what its manifest entry says (None when it is):
     missing, cut short, or holding other hooks, shapes or dtypes."""
     path = out_dir / shard["file"]
@@ -216,13 +233,15 @@ def _shard_problem(out_dir: Path, shard: dict, hooks: dict) -> Optional[str]:
     except ValueError as e:
         return str(e)
     n = shard["tokens"][1] - shard["tokens"][0]
-    if set(f.keys()) != set(hooks):
-        return f"{path} holds hooks {sorted(f.keys())}, not {sorted(hooks)}"
-    for name, h in hooks.items():
-        dtype, shape = f.entries[name][:2]
-        if list(shape) != [n, *h["shape"]] or str(dtype).removeprefix("torch.") != h["dtype"]:
-            return (f"{path} holds {name} as {list(shape)} {dtype}, not "
-                    f"{[n, *h['shape']]} {h['dtype']}")
+    nnz = {name: f.entries[f"{name}:indices"][1][0] for name in manifest.get("features") or {}
+           if f"{name}:indices" in f.entries and len(f.entries[f"{name}:indices"][1]) == 1}
+    want = _expected(manifest, n, nnz)
+    if set(f.keys()) != set(want):
+        return f"{path} holds {sorted(f.keys())}, not {sorted(want)}"
+    for name, (shape, dtype) in want.items():
+        got_dtype, got_shape = f.entries[name][:2]
+        if list(got_shape) != shape or str(got_dtype).removeprefix("torch.") != dtype:
+            return f"{path} holds {name} as {list(got_shape)} {got_dtype}, not {shape} {dtype}"
     return None
 
 
@@ -292,6 +311,87 @@ def _sums(x: Tensor, work: dict) -> Float[Tensor, "n"]:
     return acc
 
 
+# ---------------------------------------------------------------------- SAE features, sparsely
+# A shard holds each SAE's features of its n tokens as CSR rows: "{name}:indptr" [n + 1] (int64),
+# "{name}:indices" [nnz] (int32 feature ids, ascending within a token) and "{name}:values" [nnz],
+# plus the shard's top_k activations of every feature, "{name}:top_values" [d_sae, top_k] (-inf
+# where fewer tokens fired) and "{name}:top_tokens" [d_sae, top_k] (global token index, -1 there),
+# and "tokens" [n] (int32), so that contexts can be shown without the dataset.
+_SPARSE = ("indptr", "indices", "values", "top_values", "top_tokens")
+
+
+class _Features:
+    """How one SAE's features are computed from a cached activation during a harvest."""
+
+    def __init__(self, model, sae):
+        from lens.sae import SAE, _check_processing, _Splice
+        if not isinstance(sae, SAE):
+            raise TypeError(f"saes must hold lens.sae.SAE dictionaries, got {type(sae).__name__}")
+        device = next(model.parameters()).device
+        if sae.W_enc.device != device:
+            raise ValueError(f"the SAE at {sae.hook_name!r} is on {sae.W_enc.device}, the model on "
+                             f"{device}; move it with sae.to({str(device)!r})")
+        self.sae = _check_processing(model, sae)
+        self.splice = _Splice(model, self.sae, use_error_term=False)  # checks hook name and d_in
+        self.name, self.d_sae = f"{sae.hook_name}.hook_sae_acts_post", sae.d_sae
+
+    def __call__(self, cache, dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """(active features per token [tokens], feature ids [nnz] int32, values [nnz]) on the CPU."""
+        x = self.splice._read(cache[self.sae.hook_name], self.splice.how)
+        x = x.reshape(-1, x.shape[-1])
+        rows, feats, values = self.sae._encode(x, hooked=False, sparse=True)[0]
+        counts = torch.bincount(rows, minlength=len(x))
+        return counts.cpu(), feats.to(torch.int32).cpu(), values.to(dtype or values.dtype).cpu()
+
+
+def sae_hash(sae) -> str:
+    """sha256 of an SAE's config and weights."""
+    h = hashlib.sha256(json.dumps(sae.config(), sort_keys=True, default=str).encode())
+    for name, t in sae.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _csr_rows(indptr: Tensor) -> Tensor:
+    """The token (row) of every stored value of a CSR shard."""
+    return torch.repeat_interleave(torch.arange(len(indptr) - 1), indptr.diff())
+
+
+def _shard_top(indptr: Tensor, indices: Tensor, values: Tensor, d_sae: int, k: int,
+               offset: int) -> tuple[Tensor, Tensor]:
+    """Each feature's k largest activations in a shard ([d_sae, k] values, -inf past the
+    feature's count, and global token indices, -1 there); ties go to the earlier token."""
+    order = torch.argsort(values.float(), descending=True, stable=True)
+    order = order[torch.argsort(indices[order], stable=True)]  # by feature, each by value
+    feats = indices[order].long()
+    count = torch.bincount(feats, minlength=d_sae)
+    rank = torch.arange(len(order)) - (count.cumsum(0) - count)[feats]
+    keep = rank < k
+    top_v = torch.full((d_sae, k), -math.inf)
+    top_t = torch.full((d_sae, k), -1, dtype=torch.int64)
+    f, r, o = feats[keep], rank[keep], order[keep]
+    top_v[f, r] = values[o].float()
+    top_t[f, r] = _csr_rows(indptr)[o] + offset
+    return top_v, top_t
+
+
+def _merge_top(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """The k largest of two [d_sae, k] top lists; on ties a's (the earlier tokens') first."""
+    v, t = torch.cat([a[0], b[0]], 1), torch.cat([a[1], b[1]], 1)
+    order = torch.argsort(v, dim=1, descending=True, stable=True)[:, :a[0].shape[1]]
+    return v.gather(1, order), t.gather(1, order)
+
+
+def _feature_sums(indices: Tensor, values: Tensor, d_sae: int) -> Float[Tensor, "n"]:
+    """float64 [tokens each feature fired on (d_sae), sum of its activations (d_sae)]."""
+    acc = torch.zeros(2 * d_sae, dtype=torch.float64)
+    acc[:d_sae] = torch.bincount(indices.long(), minlength=d_sae).double()
+    acc[d_sae:].index_add_(0, indices.long(), values.double())
+    return acc
+
+
 # ---------------------------------------------------------------------- distributed
 def _rank_world() -> tuple[int, int]:
     on = dist.is_available() and dist.is_initialized()
@@ -310,6 +410,7 @@ class _Writer(threading.Thread):
 
     def __init__(self, out_dir: Path, manifest: Path, header: dict, shards: dict, depth: int):
         super().__init__(daemon=True)
+        self.features = header.get("features") or {}
         self.out_dir, self.manifest, self.header, self.shards = out_dir, manifest, header, shards
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.sums: dict[int, dict[str, Tensor]] = {}
@@ -328,12 +429,18 @@ class _Writer(threading.Thread):
 
     def write(self, i: int, lo: int, hi: int, tensors: dict[str, Tensor]) -> None:
         name = f"shard-{i:05d}.safetensors"
-        self.sums[i] = {n: _sums(t, self.work.setdefault(n, {})) for n, t in tensors.items()}
+        dense = {n: t for n, t in tensors.items() if n in self.header["hooks"]}
+        self.sums[i] = {n: _sums(t, self.work.setdefault(n, {})) for n, t in dense.items()}
+        for n, f in self.features.items():  # each feature's top tokens in the shard
+            csr = [tensors[f"{n}:{part}"] for part in _SPARSE[:3]]
+            tensors[f"{n}:top_values"], tensors[f"{n}:top_tokens"] = _shard_top(
+                *csr, f["d_sae"], f["top_k"], lo)
+        self.sums[i].update(_shard_feature_sums(tensors, self.features))
         meta = {"tokens": f"{lo}:{hi}"}
         _atomic(self.out_dir / name, lambda tmp: _write_safetensors(tensors, tmp, meta))
         self.shards[i] = {"file": name, "tokens": [lo, hi]}
         _write_json(self.manifest, {**self.header, "shards": _ordered(self.shards)})
-        self.free.append(tensors)
+        self.free.append(dense)
 
     def put(self, item) -> None:
         while True:
@@ -359,6 +466,11 @@ class _Writer(threading.Thread):
         self.check()
 
 
+def _shard_feature_sums(tensors: dict[str, Tensor], features: dict) -> dict[str, Tensor]:
+    return {n: _feature_sums(tensors[f"{n}:indices"], tensors[f"{n}:values"], f["d_sae"])
+            for n, f in features.items()}
+
+
 def _ordered(shards: dict) -> list:
     return [shards[i] for i in sorted(shards)]
 
@@ -367,8 +479,8 @@ def _ordered(shards: dict) -> list:
 @torch.no_grad()
 def harvest(model, tokens, hook_names, out_dir, batch_size: int = 32,
             dtype: Union[None, torch.dtype, str] = None, shard_tokens: int = 2**15,
-            seq_len: Optional[int] = None, progress: bool = True, queue_depth: int = 1
-            ) -> "Harvest":
+            seq_len: Optional[int] = None, progress: bool = True, queue_depth: int = 1,
+            saes=None, top_k: int = 16) -> "Harvest":
     """Run `model` over `tokens` and write the activations of `hook_names` to `out_dir`.
 
     tokens: [n_seq, seq_len] tensor or array (rows are sequences), a 1-D tensor/array/memmap
@@ -378,6 +490,12 @@ def harvest(model, tokens, hook_names, out_dir, batch_size: int = 32,
     [tokens, ...] per hook (batch×pos flattened; patterns become [tokens, n_heads, key_pos]),
     cast to `dtype` if given (a floating-point torch dtype or its name, e.g. "float16"). The
     forward stops after the last block the hooks need.
+
+    saes: lens.sae.SAE dictionaries whose features to write, sparsely, under
+    "{sae.hook_name}.hook_sae_acts_post" (hook_names may then be []): each token's active
+    features and their values, with every feature's `top_k` top activating tokens and its
+    firing count (Harvest.features). The features are the SAE's encoding of the model's own
+    activation at its hook point (nothing is spliced in, so several SAEs read one clean run).
 
     Resumable: shards and manifest.json are replaced atomically, so calling harvest again with
     the same arguments after a crash or a full disk finishes the job, byte-identical to an
@@ -389,9 +507,13 @@ def harvest(model, tokens, hook_names, out_dir, batch_size: int = 32,
     shard_tokens = _positive_int("shard_tokens", shard_tokens)
     queue_depth = _positive_int("queue_depth", queue_depth)
     seq_len = None if seq_len is None else _positive_int("seq_len", seq_len)
+    top_k = _positive_int("top_k", top_k)
     dtype = _float_dtype(dtype)
     out_dir = _folder(out_dir)
-    names = model.hook_names_matching(hook_names)
+    features = _feature_specs(model, saes)
+    no_hooks = features and (hook_names is None or (not isinstance(hook_names, str)
+                                                     and not callable(hook_names) and not list(hook_names)))
+    names = [] if no_hooks else model.hook_names_matching(hook_names)
     own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if own_group:  # launched by torchrun: join its group
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -400,14 +522,30 @@ def harvest(model, tokens, hook_names, out_dir, batch_size: int = 32,
         # one lock per job: the other ranks write into the folder that rank 0 holds
         with _locked(out_dir) if _rank_world()[0] == 0 else contextlib.nullcontext():
             return _harvest(model, tokens, names, out_dir, batch_size, dtype, shard_tokens,
-                            seq_len, progress, queue_depth)
+                            seq_len, progress, queue_depth, features, top_k)
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
+def _feature_specs(model, saes) -> dict[str, _Features]:
+    """{feature site name: _Features} for `saes` (None, one SAE or several), checked."""
+    if saes is None:
+        return {}
+    from lens.sae import SAE
+    saes = [saes] if isinstance(saes, SAE) else list(saes)
+    specs: dict[str, _Features] = {}
+    for sae in saes:
+        f = _Features(model, sae)
+        if f.name in specs:
+            raise ValueError(f"two SAEs write {f.name!r}; harvest one SAE per hook point (run "
+                             "harvest again into another out_dir for the other)")
+        specs[f.name] = f
+    return specs
+
+
 def _harvest(model, tokens, names, out_dir, batch_size, dtype, shard_tokens, seq_len,
-             progress, queue_depth) -> "Harvest":
+             progress, queue_depth, features, top_k) -> "Harvest":
     from tqdm.auto import tqdm
 
     rank, world = _rank_world()
@@ -416,25 +554,38 @@ def _harvest(model, tokens, names, out_dir, batch_size, dtype, shard_tokens, seq
     if per_shard < 1:
         raise ValueError(f"shard_tokens={shard_tokens} is less than one sequence of {L} tokens")
     device = next(model.parameters()).device
+    reads = list(dict.fromkeys(names + [f.sae.hook_name for f in features.values()]))
 
     def forward(lo: int, hi: int) -> dict[str, Tensor]:
-        _, cache = run_with_cache(model, seqs.get(lo, hi).to(device), names_filter=names,
-                                  stop_at_layer="auto", device="cpu", return_type=None)
-        return {n: _flat(n, cache[n]).to(dtype or cache[n].dtype) for n in names}
+        toks = seqs.get(lo, hi)
+        _, cache = run_with_cache(model, toks.to(device), names_filter=reads,
+                                  stop_at_layer="auto", return_type=None)
+        out = {n: _flat(n, cache[n]).to("cpu", dtype or cache[n].dtype) for n in names}
+        for n, f in features.items():
+            out[f"{n}:counts"], out[f"{n}:indices"], out[f"{n}:values"] = f(cache, dtype)
+        if features:
+            out["tokens"] = toks.reshape(-1).to(torch.int32)
+        return out
 
     probe = forward(0, 1)
     header = {
         "format": FORMAT, "lens_version": _lens_version(), "model_hash": model_hash(model),
         "dataset": {"fingerprint": seqs.fingerprint(), "n_seq": seqs.n_seq, "seq_len": L,
                     "n_tokens": seqs.n_seq * L},
-        "hooks": {n: {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch.")}
-                  for n, t in probe.items()},
+        "hooks": {n: {"shape": list(probe[n].shape[1:]),
+                      "dtype": str(probe[n].dtype).removeprefix("torch.")} for n in names},
         "batch_size": batch_size, "shard_tokens": per_shard * L,
         "n_shards": -(-seqs.n_seq // per_shard), "stats": STATS, "complete": False,
     }
+    if features:
+        header["features"] = {n: {
+            "d_sae": f.d_sae, "top_k": top_k, "sae_hash": sae_hash(f.sae),
+            "architecture": f.sae.architecture, "sae": f.sae.config(),
+            "dtype": str(probe[f"{n}:values"].dtype).removeprefix("torch.")}
+            for n, f in features.items()}
     shards, complete = _existing(out_dir, header)
     for i, shard in sorted(shards.items()):  # a recorded shard damaged since is computed again
-        if (problem := _shard_problem(out_dir, shard, header["hooks"])) is not None:
+        if (problem := _shard_problem(out_dir, shard, header)) is not None:
             warnings.warn(f"{problem}; computing shard {i} again", stacklevel=3)
             del shards[i]
             complete = False
@@ -459,19 +610,31 @@ def _harvest(model, tokens, names, out_dir, batch_size, dtype, shard_tokens, seq
         for i in mine:
             if i in shards:  # done before: its statistics are read back from the file
                 acts = _mmap_tensors(out_dir / shards[i]["file"])
-                sums[i] = {n: _sums(t, work.setdefault(n, {})) for n, t in acts.items()}
+                sums[i] = {n: _sums(acts[n], work.setdefault(n, {})) for n in names}
+                sums[i].update(_shard_feature_sums(acts, header.get("features") or {}))
                 continue
             lo, hi = span(i)
             buf = writer.free.pop() if writer.free else {
-                n: torch.empty((size(0), *t.shape[1:]), dtype=t.dtype) for n, t in probe.items()}
+                n: torch.empty((size(0), *probe[n].shape[1:]), dtype=probe[n].dtype) for n in names}
             buf = {n: b[:size(i)] for n, b in buf.items()}  # the last shard may be shorter
+            sparse: dict[str, list[Tensor]] = {}
             for s in range(lo, hi, batch_size):
                 e = min(s + batch_size, hi)
                 for n, act in forward(s, e).items():
-                    buf[n][(s - lo) * L:(e - lo) * L] = act
+                    if n in buf:
+                        buf[n][(s - lo) * L:(e - lo) * L] = act
+                    else:
+                        sparse.setdefault(n, []).append(act)
                 bar.update((e - s) * L)
+            if features:
+                buf["tokens"] = torch.cat(sparse.pop("tokens"))
+            for n in features:
+                counts = torch.cat(sparse.pop(f"{n}:counts"))
+                buf[f"{n}:indptr"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+                buf[f"{n}:indices"] = torch.cat(sparse.pop(f"{n}:indices"))
+                buf[f"{n}:values"] = torch.cat(sparse.pop(f"{n}:values"))
             writer.put((i, lo * L, hi * L, buf))
-            del buf
+            del buf, sparse
     finally:
         writer.close() if writer.error is None else writer.q.put(None)
         bar.close()
@@ -489,8 +652,9 @@ def _existing(out_dir: Path, header: dict) -> tuple[dict, bool]:
         raise ValueError(f"{out_dir} holds activations of another model (model hash "
                          f"{old.get('model_hash')}), but this model's hash is "
                          f"{header['model_hash']}; use another out_dir or delete it")
-    keys = ("format", "dataset", "hooks", "batch_size", "shard_tokens")
-    diff = [f"{k}: {old.get(k)} there, {header[k]} now" for k in keys if old.get(k) != header[k]]
+    keys = ("format", "dataset", "hooks", "features", "batch_size", "shard_tokens")
+    diff = [f"{k}: {old.get(k)} there, {header.get(k)} now" for k in keys
+            if old.get(k) != header.get(k)]
     if diff:
         raise ValueError(f"{out_dir} holds a harvest of other data or settings ({'; '.join(diff)}); "
                          "pass the same arguments to resume it, or use another out_dir")
@@ -514,6 +678,24 @@ def _finish(out_dir, header, names, sums, rank, world) -> None:
             t = t.cpu()
         stats.update({f"{n}:sum": t[:d].reshape(shape), f"{n}:sumsq": t[d:2 * d].reshape(shape),
                       f"{n}:norm_sum": t[2 * d].clone(), f"{n}:count": t[-1].to(torch.int64)})
+    for n, f in (header.get("features") or {}).items():
+        d = f["d_sae"]
+        t = sum((sums[i][n] for i in sorted(sums)), torch.zeros(2 * d, dtype=torch.float64))
+        if world > 1:
+            t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t)
+            t = t.cpu()
+        stats.update({f"{n}:active": t[:d].to(torch.int64), f"{n}:sum": t[d:].clone(),
+                      f"{n}:count": torch.tensor(header["dataset"]["n_tokens"])})
+    if rank == 0 and header.get("features"):  # every shard is on disk now: merge their tops
+        shards, _ = _existing(out_dir, header)
+        for n in header["features"]:
+            top = None
+            for i in sorted(shards):
+                part = _mmap_tensors(out_dir / shards[i]["file"])
+                part = (part[f"{n}:top_values"], part[f"{n}:top_tokens"])
+                top = part if top is None else _merge_top(top, part)
+            stats[f"{n}:top_values"], stats[f"{n}:top_tokens"] = (t.contiguous() for t in top)
     if rank == 0:
         _atomic(out_dir / STATS, lambda tmp: _write_safetensors(stats, tmp, {}))
         shards, _ = _existing(out_dir, header)
@@ -626,12 +808,124 @@ class HarvestDataset(torch.utils.data.Dataset):
         return {n: a[i] for n, a in self.acts.items()}
 
 
+class SparseFeatures:
+    """One SAE's feature activations over a harvest's tokens, [n_tokens, d_sae] stored sparsely
+    (per shard, CSR rows of memory-mapped indices and values).
+
+    `feats[i]` is token i's dense [d_sae] activations and `feats[a:b]` (or a list of token
+    indices) dense [n, d_sae]; `feats.feature(f)` is feature f's activation at every token
+    [n_tokens]; `feats.top(f)` its top activating tokens (values and token indices, at most
+    the harvest's top_k); `feats.frequency` the fraction of tokens each feature fires on;
+    `feats.context(t, before, after)` the (sequence, position) of a token and the token index
+    window around it inside its sequence."""
+
+    def __init__(self, name: str, info: dict, seq_len: int, shards: list[dict[str, Tensor]],
+                 top_values: Tensor, top_tokens: Tensor, active: Tensor, total: Tensor):
+        self.name, self.info, self.seq_len, self.shards = name, info, seq_len, shards
+        self.d_sae, self.top_k = info["d_sae"], info["top_k"]
+        self.offsets = np.cumsum([0] + [len(s["indptr"]) - 1 for s in shards])
+        self.shape = torch.Size((int(self.offsets[-1]), self.d_sae))
+        self.dtype = shards[0]["values"].dtype
+        self._top, self._active, self._total = (top_values, top_tokens), active, total
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        nnz = sum(len(s["indices"]) for s in self.shards)
+        return (f"SparseFeatures({self.name!r}, {tuple(self.shape)}, {self.dtype}, "
+                f"mean L0 {nnz / max(1, len(self)):.2f}, {len(self.shards)} shards)")
+
+    @property
+    def nnz(self) -> int:
+        return sum(len(s["indices"]) for s in self.shards)
+
+    @property
+    def frequency(self) -> Float[Tensor, "d_sae"]:
+        return self._active.double().div(len(self)).float()
+
+    def stats(self) -> dict:
+        """frequency (fraction of tokens fired on), mean (over every token) and mean_active
+        (over the tokens it fired on) per feature [d_sae], as float32, and count (tokens)."""
+        n, active = len(self), self._active.double()
+        return dict(frequency=self.frequency, mean=(self._total / n).float(),
+                    mean_active=(self._total / active.clamp(min=1)).float(), count=n)
+
+    def _feature_index(self, f) -> int:
+        if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not 0 <= f < self.d_sae:
+            raise IndexError(f"feature {f!r} is not one of the {self.d_sae} features (an int in "
+                             f"[0, {self.d_sae}))")
+        return int(f)
+
+    def _rows(self, s: int, a: int, b: int) -> Tensor:
+        """Dense rows a:b of shard s."""
+        sh = self.shards[s]
+        ptr = sh["indptr"][a:b + 1]
+        out = torch.zeros(b - a, self.d_sae, dtype=self.dtype)
+        lo, hi = int(ptr[0]), int(ptr[-1])
+        rows = torch.repeat_interleave(torch.arange(b - a), ptr.diff())
+        out[rows, sh["indices"][lo:hi].long()] = sh["values"][lo:hi]
+        return out
+
+    def __getitem__(self, idx) -> Tensor:
+        n = len(self)
+        if _is_int(idx):
+            i = int(idx)
+            if not -n <= i < n:
+                raise IndexError(f"token {i} is out of range for {n} tokens")
+            return self[i % n:i % n + 1][0]
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(n)
+            if step != 1:
+                return self[torch.arange(start, stop, step)]
+            parts = [self._rows(s, max(start - o, 0), min(stop - o, int(self.offsets[s + 1]) - o))
+                     for s, o in enumerate(self.offsets[:-1].tolist())
+                     if start < self.offsets[s + 1] and stop > o]
+            return torch.cat(parts) if parts else torch.zeros(0, self.d_sae, dtype=self.dtype)
+        idx = ShardedActivations._positions(self, idx)
+        flat = torch.where(idx < 0, idx + n, idx).reshape(-1)
+        if len(flat) and (flat.min() < 0 or flat.max() >= n):
+            raise IndexError(f"token index out of range for {n} tokens")
+        rows = [self[int(i)] for i in flat] or [torch.zeros(0, self.d_sae, dtype=self.dtype)]
+        return torch.stack(rows).reshape(*idx.shape, self.d_sae) if len(flat) else rows[0]
+
+    def feature(self, f: int) -> Float[Tensor, "n_tokens"]:
+        """Feature f's activation at every token (zeros where it is not active), float32."""
+        f = self._feature_index(f)
+        out = torch.zeros(len(self))
+        for sh, o in zip(self.shards, self.offsets.tolist()):
+            at = (sh["indices"] == f).nonzero().reshape(-1)
+            rows = torch.searchsorted(sh["indptr"], at, right=True) - 1
+            out[rows + o] = sh["values"][at].float()
+        return out
+
+    def top(self, f: int, k: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """Feature f's k (default top_k) largest activations [k'] and their token indices [k']
+        (k' ≤ k where it fired on fewer tokens), largest first, the earlier token on ties."""
+        f = self._feature_index(f)
+        k = self.top_k if k is None else _positive_int("k", k)
+        if k > self.top_k:
+            raise ValueError(f"k={k}, but this harvest kept the top {self.top_k} tokens per "
+                             "feature; harvest again with a larger top_k")
+        v, t = self._top[0][f, :k], self._top[1][f, :k]
+        keep = t >= 0
+        return v[keep].clone(), t[keep].clone()
+
+    def context(self, token: int, before: int, after: int) -> tuple[int, int, range]:
+        """(sequence, position, token indices of the window) of a harvested token: `before`
+        tokens before it and `after` after it, inside its own sequence."""
+        seq, pos = divmod(int(token), self.seq_len)
+        lo, hi = max(0, pos - before), min(self.seq_len, pos + after + 1)
+        return seq, pos, range(seq * self.seq_len + lo, seq * self.seq_len + hi)
+
+
 class Harvest:
     """A finished harvest on disk: the manifest, memory-mapped activations and statistics."""
 
     def __init__(self, out_dir: Path, manifest: dict):
         self.out_dir, self.manifest = out_dir, manifest
         self.hook_names = list(manifest["hooks"])
+        self.feature_names = list(manifest.get("features") or {})
         self.n_tokens = sum(b - a for a, b in (s["tokens"] for s in manifest["shards"]))
         self._stats: Optional[dict] = None
 
@@ -645,21 +939,55 @@ class Harvest:
             raise ValueError(f"the harvest in {out_dir} is incomplete ({len(manifest['shards'])} of "
                              f"{manifest.get('n_shards')} shards); run harvest again to finish it")
         for shard in manifest["shards"]:
-            if (problem := _shard_problem(out_dir, shard, manifest["hooks"])) is not None:
+            if (problem := _shard_problem(out_dir, shard, manifest)) is not None:
                 raise ValueError(f"damaged harvest: {problem}; run harvest again with the same "
                                  "arguments to compute the shard again")
         return cls(out_dir, manifest)
 
     def __repr__(self) -> str:
-        return f"Harvest({str(self.out_dir)!r}, {self.n_tokens} tokens, hooks={self.hook_names})"
+        feats = f", features={self.feature_names}" if self.feature_names else ""
+        return f"Harvest({str(self.out_dir)!r}, {self.n_tokens} tokens, hooks={self.hook_names}{feats})"
 
-    def _name(self, hook_name: str) -> str:
-        if hook_name not in self.manifest["hooks"]:
+    def _name(self, hook_name: str, features: bool = False) -> str:
+        held = self.feature_names if features else self.hook_names
+        if hook_name not in held:
+            if hook_name in (self.hook_names if features else self.feature_names):
+                raise KeyError(f"{hook_name!r} holds " + (
+                    "dense activations: read them with harvest.read(name)" if features else
+                    "SAE features, stored sparsely: read them with harvest.features(name)"))
             import difflib
-            near = difflib.get_close_matches(hook_name, self.hook_names, n=3, cutoff=0.5)
-            raise KeyError(f"{hook_name!r} was not harvested; this harvest holds {self.hook_names}"
+            near = difflib.get_close_matches(hook_name, held, n=3, cutoff=0.5)
+            what = "SAE features" if features else "hooks"
+            raise KeyError(f"{hook_name!r} was not harvested; this harvest holds {what} {held}"
                            + (f" (nearest: {near})" if near else ""))
         return hook_name
+
+    def _stat(self, key: str) -> Tensor:
+        if self._stats is None:
+            self._stats = _mmap_tensors(self.out_dir / STATS)
+        return self._stats[key]
+
+    def features(self, name: Optional[str] = None) -> "SparseFeatures":
+        """One SAE's harvested features (name: "{hook}.hook_sae_acts_post"; may be left out
+        when the harvest holds one SAE), memory-mapped; see SparseFeatures."""
+        if name is None and len(self.feature_names) == 1:
+            name = self.feature_names[0]
+        if name is None:
+            raise KeyError(f"give the SAE features to read: this harvest holds {self.feature_names}")
+        name = self._name(name, features=True)
+        shards = [_mmap_tensors(self.out_dir / s["file"]) for s in self.manifest["shards"]]
+        return SparseFeatures(name, self.manifest["features"][name], self.manifest["dataset"]["seq_len"],
+                              [{part: sh[f"{name}:{part}"] for part in _SPARSE[:3]} for sh in shards],
+                              self._stat(f"{name}:top_values"), self._stat(f"{name}:top_tokens"),
+                              self._stat(f"{name}:active"), self._stat(f"{name}:sum"))
+
+    def tokens(self) -> ShardedActivations:
+        """The token ids [tokens] (int32) of a harvest that holds SAE features."""
+        if not self.feature_names:
+            raise KeyError("this harvest holds no token ids: they are written with SAE features "
+                           "(harvest(..., saes=...)); the dataset gives them otherwise")
+        return ShardedActivations([_mmap_tensors(self.out_dir / s["file"])["tokens"]
+                                   for s in self.manifest["shards"]])
 
     def read(self, hook_name: str) -> ShardedActivations:
         """The [tokens, ...] activations of one hook, memory-mapped (see ShardedActivations)."""
@@ -671,14 +999,14 @@ class Harvest:
         """mean and var (population) per element [*per-token shape], norm (mean L2 norm of a
         token's activation), as float32, and count (tokens), from float64 sums over every token.
         For [batch, pos, ...] sites, mean is what lens.ablation.mean_ablate(h, means=) takes."""
+        if hook_name in self.feature_names:
+            return self.features(hook_name).stats()
         name = self._name(hook_name)
-        if self._stats is None:
-            self._stats = _mmap_tensors(self.out_dir / STATS)
-        n = self._stats[f"{name}:count"]
-        mean = self._stats[f"{name}:sum"] / n
-        var = (self._stats[f"{name}:sumsq"] / n - mean ** 2).clamp(min=0)
+        n = self._stat(f"{name}:count")
+        mean = self._stat(f"{name}:sum") / n
+        var = (self._stat(f"{name}:sumsq") / n - mean ** 2).clamp(min=0)
         return dict(mean=mean.float(), var=var.float(),
-                    norm=(self._stats[f"{name}:norm_sum"] / n).float(), count=int(n))
+                    norm=(self._stat(f"{name}:norm_sum") / n).float(), count=int(n))
 
     def means(self, hook_names=None) -> dict[str, Tensor]:
         """{hook name: mean activation [*per-token shape]}, as mean_ablate(means=...) takes it."""
@@ -710,7 +1038,12 @@ def _command(argv) -> int:
     p = argparse.ArgumentParser(prog="lens harvest", description=harvest.__doc__.split("\n")[0])
     p.add_argument("model", help="bundled model name or checkpoint path")
     p.add_argument("data", help="a .npy token file ([n_seq, seq_len] or 1-D) or a text file")
-    p.add_argument("--hooks", nargs="+", required=True, help="hook names (space or comma separated)")
+    p.add_argument("--hooks", nargs="+", default=[], help="hook names (space or comma separated)")
+    p.add_argument("--sae", nargs="+", default=[], metavar="SAE",
+                   help="SAEs whose features to write sparsely (bundled names or paths)")
+    p.add_argument("--top-k", type=int, default=16, help="top activating tokens kept per feature")
+    p.add_argument("--no-processing", action="store_true",
+                   help="load the weights as stored (the default when every SAE was trained so)")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds this job)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, help="window length for 1-D tokens and text (n_ctx)")
@@ -726,11 +1059,20 @@ def _command(argv) -> int:
     device = checked_device(args.device) or gpu
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    model = load_model(args.model).to(device).eval()
     hooks = [h for arg in args.hooks for h in arg.split(",") if h]
+    if not hooks and not args.sae:
+        raise ValueError("nothing to harvest: give --hooks, --sae or both")
+    from lens.sae import SAE
+    saes = [SAE.load(s, device=device) for s in args.sae] or None
+    if args.no_processing or (saes and not any(s.processing for s in saes)):
+        import lens  # the SAEs read the activations they were trained on: unprocessed ones
+        model = lens.HookedGPT.from_pretrained_no_processing(args.model)
+    else:
+        model = load_model(args.model)
+    model = model.to(device).eval()
     result = harvest(model, args.data, hooks, args.out, batch_size=args.batch_size,
                      dtype=args.dtype, shard_tokens=args.shard_tokens, seq_len=args.seq_len,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, saes=saes, top_k=args.top_k)
     if int(os.environ.get("RANK", "0")) == 0:
         print(result)
     return 0

@@ -72,6 +72,12 @@ def _observe(hp: HookPoint, x: Tensor, kept: Optional[list]) -> Tensor:
     return y
 
 
+def _nonzero(acts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, feature ids, values) of the nonzero entries of [rows, d_sae], by row then feature."""
+    rows, feats = acts.nonzero(as_tuple=True)
+    return rows, feats, acts[rows, feats]
+
+
 def _choice(value, valid, what: str):
     if value not in valid:
         raise ValueError(f"unknown {what} {value!r}; lens supports {', '.join(map(repr, valid))}")
@@ -202,9 +208,12 @@ class SAE(nn.Module):
         mu, std = norm
         return x * std + mu
 
-    def _encode(self, x: Tensor, hooked: bool = True, kept: Optional[list] = None):
+    def _encode(self, x: Tensor, hooked: bool = True, kept: Optional[list] = None,
+                sparse: bool = False):
         """(feature activations, normalisation state) of flat input x [..., d_in]; the hooks
-        run when `hooked`, and `kept[0]` turns False if one of them changed a value."""
+        run when `hooked`, and `kept[0]` turns False if one of them changed a value. With
+        `sparse` (no hooks, x [rows, d_in]): ((rows, feature ids, values) of the nonzero
+        activations, ordered by row then feature, normalisation state)."""
         run = (lambda hp, t: _observe(hp, t, kept)) if hooked else (lambda hp, t: t)
         x = run(self.hook_sae_input, x.to(self.W_enc.dtype))
         x, norm = self._normalize(x)
@@ -213,7 +222,8 @@ class SAE(nn.Module):
         if self.activation == "gated":
             gate = (x @ self.W_enc + self.b_gate) > 0
             pre = run(self.hook_sae_acts_pre, x @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
-            return run(self.hook_sae_acts_post, pre.relu() * gate.to(pre.dtype)), norm
+            acts = pre.relu() * gate.to(pre.dtype)
+            return (_nonzero(acts) if sparse else run(self.hook_sae_acts_post, acts)), norm
         pre = run(self.hook_sae_acts_pre, x @ self.W_enc + self.b_enc)
         if self.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
@@ -221,6 +231,13 @@ class SAE(nn.Module):
             acts = pre.relu()
         elif self.activation == "jumprelu":
             acts = pre.relu() * (pre > self.threshold).to(pre.dtype)
+        elif self.activation == "topk" and sparse:  # the k per row, without a dense tensor
+            top = pre.topk(self.k, dim=-1, sorted=False)
+            feats, order = top.indices.sort(-1)
+            values = top.values.gather(-1, order).relu()
+            rows = torch.arange(len(pre), device=pre.device)[:, None].expand_as(feats)
+            live = values.flatten() != 0
+            return (rows.flatten()[live], feats.flatten()[live], values.flatten()[live]), norm
         elif self.activation == "topk":
             top = pre.topk(self.k, dim=-1, sorted=False)
             acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
@@ -228,7 +245,7 @@ class SAE(nn.Module):
             flat = pre.relu().flatten()
             top = flat.topk(self.k * pre.shape[:-1].numel(), sorted=False)
             acts = torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(pre.shape)
-        return run(self.hook_sae_acts_post, acts), norm
+        return (_nonzero(acts) if sparse else run(self.hook_sae_acts_post, acts)), norm
 
     def _decode(self, acts: Tensor, norm, x: Optional[Tensor], hooked: bool = True,
                 kept: Optional[list] = None) -> Tensor:
@@ -952,15 +969,30 @@ class FeatureCard:
 @torch.no_grad()
 def feature_card(model, sae: SAE, feature: int, tokens, k: int = 8, context: int = 8,
                  batch_size: int = 8, use_error_term: bool = True) -> FeatureCard:
-    """The card of one feature over `tokens` [batch, pos] (or text): its k top activating
-    contexts (`context` tokens either side of the activating one), every position's activation
-    and its top logit effects."""
+    """The card of one feature over `tokens` [batch, pos] (or text), or over a lens.harvest
+    Harvest that holds this SAE's features: its k top activating contexts (`context` tokens
+    either side of the activating one, inside its sequence), every position's activation and
+    its top logit effects. From a harvest nothing is run but the logit effects: the contexts
+    are its kept top tokens (at most its top_k), the activations every harvested token's."""
+    from lens.harvest import Harvest
     from lens.patching import as_tokens
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} must be a positive int")
     effects = feature_logit_effects(model, sae, feature, k=min(k, 10))  # checks the feature
-    tokens = as_tokens(model, tokens)
+    show = lambda window: (model.to_str_tokens(window) if model.tokenizer is not None  # noqa: E731
+                           else [str(t) for t in window.tolist()])
     name = sae.hook_name + ".hook_sae_acts_post"
+    if isinstance(tokens, Harvest):
+        feats = _harvested(model, sae, tokens)
+        values, where = feats.top(feature, k)
+        ids = tokens.tokens()
+        contexts = []
+        for v, t in zip(values.tolist(), where.tolist()):
+            _, pos, window = feats.context(t, context, context)
+            contexts.append((show(ids[window.start:window.stop].long()), t - window.start, v))
+        return FeatureCard(feature, sae.hook_name, contexts, feats.feature(feature),
+                           effects["promoted"], effects["suppressed"])
+    tokens = as_tokens(model, tokens)
     acts = []
     with _splice(model, sae, use_error_term=use_error_term):
         for chunk in tokens.split(batch_size):
@@ -976,10 +1008,24 @@ def feature_card(model, sae: SAE, feature: int, tokens, k: int = 8, context: int
             break
         b, p = divmod(i, n)
         lo, hi = max(0, p - context), min(n, p + context + 1)
-        window = tokens[b, lo:hi]
-        toks = model.to_str_tokens(window) if model.tokenizer is not None else [str(t) for t in window.tolist()]
-        contexts.append((toks, p - lo, v))
+        contexts.append((show(tokens[b, lo:hi]), p - lo, v))
     return FeatureCard(feature, sae.hook_name, contexts, flat, effects["promoted"], effects["suppressed"])
+
+
+def _harvested(model, sae: SAE, harvest):
+    """The SparseFeatures of `sae` in `harvest`, refused unless the harvest was made by this
+    model and this SAE."""
+    from lens.harvest import model_hash, sae_hash
+    name = sae.hook_name + ".hook_sae_acts_post"
+    info = (harvest.manifest.get("features") or {}).get(name)
+    if info is None or info["sae_hash"] not in (sae_hash(sae), sae_hash(_check_processing(model, sae))):
+        raise ValueError(f"the harvest in {harvest.out_dir} holds no features of this SAE (it holds "
+                         f"{harvest.feature_names}, from SAEs with other weights or at other hooks); "
+                         "harvest them with lens.harvest.harvest(..., saes=sae)")
+    if harvest.manifest["model_hash"] != model_hash(model):
+        raise ValueError(f"the harvest in {harvest.out_dir} was made with another model (model hash "
+                         f"{harvest.manifest['model_hash'][:12]}…); give the model it was made with")
+    return harvest.features(name)
 
 
 # ---------------------------------------------------------------------- figures
