@@ -42,9 +42,15 @@ class _Site:
         self.head_axis = sites.head_axis(name)
         self.neuron_axis = sites.neuron_axis(name)
         self.pos_axis = sites.pos_axis(name)  # the query position for patterns
+        axes = sites.axes(name)
+        self.feature_axis = axes.index("d_sae") if "d_sae" in axes else None
         self.scores = name.endswith("hook_attn_scores")
 
-    def check(self, heads: Index, neurons: Index) -> None:
+    def check(self, heads: Index, neurons: Index, features: Index = None) -> None:
+        if features is not None and self.feature_axis is None:
+            raise ValueError(f"features= given for {self.name!r}, which has no d_sae axis; feature "
+                             "sites are an SAE's {hook}.hook_sae_acts_pre / hook_sae_acts_post, "
+                             "which exist while it is spliced in (model.saes(sae))")
         if heads is not None and self.head_axis is None:
             raise ValueError(f"heads= given for {self.name!r}, which has no n_heads axis; per-head "
                              "sites are attn.hook_q/k/v/rot_q/rot_k/z/result/pattern/"
@@ -92,7 +98,7 @@ def _axis_mask(idx: Index, size: int, what: str, name: str) -> Tensor:
 
 
 def _selection(site: _Site, act: Tensor, heads: Index, neurons: Index,
-               positions: Index) -> Optional[Tensor]:
+               positions: Index, features: Index = None) -> Optional[Tensor]:
     """A boolean mask that broadcasts against `act`, True where the ablation applies (None: all)."""
     mask = None
 
@@ -105,6 +111,9 @@ def _selection(site: _Site, act: Tensor, heads: Index, neurons: Index,
         mask = along(site.head_axis, _axis_mask(heads, act.shape[site.head_axis], "head", site.name))
     if neurons is not None:
         m = along(site.neuron_axis, _axis_mask(neurons, act.shape[site.neuron_axis], "neuron", site.name))
+        mask = m if mask is None else mask & m
+    if features is not None:
+        m = along(site.feature_axis, _axis_mask(features, act.shape[site.feature_axis], "feature", site.name))
         mask = m if mask is None else mask & m
     if positions is not None:
         n_pos = act.shape[site.pos_axis]
@@ -124,18 +133,20 @@ def _selection(site: _Site, act: Tensor, heads: Index, neurons: Index,
 class _Ablation:
     """A hook function replacing the selected part of an activation by `replacement(act)`."""
 
-    def __init__(self, kind: str, name: str, replacement: Callable, heads, neurons, positions):
-        """heads, neurons, positions: Index selections, their types checked here."""
-        for idx, what in ((heads, "head"), (neurons, "neuron"), (positions, "position")):
+    def __init__(self, kind: str, name: str, replacement: Callable, heads, neurons, positions,
+                 features=None):
+        """heads, neurons, positions, features: Index selections, their types checked here."""
+        for idx, what in ((heads, "head"), (neurons, "neuron"), (positions, "position"),
+                          (features, "feature")):
             if idx is not None:
                 _as_index(idx, what)  # the types now; the ranges when the activation is seen
         self.kind, self.site, self.replacement = kind, _Site(name), replacement
-        self.site.check(heads, neurons)
-        self.heads, self.neurons, self.positions = heads, neurons, positions
+        self.site.check(heads, neurons, features)
+        self.heads, self.neurons, self.positions, self.features = heads, neurons, positions, features
 
     def __call__(self, act: Tensor, hook) -> Tensor:
         new = self.replacement(act, self.site).to(act.dtype)
-        mask = _selection(self.site, act, self.heads, self.neurons, self.positions)
+        mask = _selection(self.site, act, self.heads, self.neurons, self.positions, self.features)
         if self.site.scores:  # masked (future) scores stay -inf so the pattern stays causal
             keep = torch.isneginf(act)
             mask = ~keep if mask is None else mask & ~keep
@@ -145,20 +156,23 @@ class _Ablation:
 
     def __repr__(self) -> str:
         narrow = [f"{k}={v!r}" for k, v in (("heads", self.heads), ("neurons", self.neurons),
+                                              ("features", self.features),
                                               ("positions", self.positions)) if v is not None]
         return f"{self.kind}_ablate({', '.join([repr(self.site.name)] + narrow)})"
 
 
 def zero_ablate(name: str, layer: Optional[int] = None, *, heads: Index = None,
-                neurons: Index = None, positions: Index = None) -> Hook:
+                neurons: Index = None, positions: Index = None, features: Index = None) -> Hook:
     """(hook_name, fn) setting the activation, or the selected heads/neurons/positions, to zero.
 
     heads index the n_heads axis of per-head sites, neurons the d_mlp axis of mlp.hook_pre/post,
-    positions the pos axis (the query position for pattern and attn_scores; a [batch, pos]
-    boolean mask selects per prompt). Selections along several axes combine as a product.
+    features the d_sae axis of a spliced SAE's hook_sae_acts_pre/post, positions the pos axis
+    (the query position for pattern and attn_scores; a [batch, pos] boolean mask selects per
+    prompt). Selections along several axes combine as a product.
     """
     name = hook_name(name, layer)
-    fn = _Ablation("zero", name, lambda act, site: act.new_zeros(()), heads, neurons, positions)
+    fn = _Ablation("zero", name, lambda act, site: act.new_zeros(()), heads, neurons, positions,
+                   features)
     return name, fn
 
 
@@ -191,7 +205,7 @@ def _means_for(means: Means, name: str) -> Tensor:
 
 
 def mean_ablate(name: str, layer: Optional[int] = None, *, means: Means, heads: Index = None,
-                neurons: Index = None, positions: Index = None) -> Hook:
+                neurons: Index = None, positions: Index = None, features: Index = None) -> Hook:
     """(hook_name, fn) replacing the selected part of the activation by its mean.
 
     means: a tensor for this hook point, of shape activation[1:] (per position) or, for sites
@@ -200,7 +214,7 @@ def mean_ablate(name: str, layer: Optional[int] = None, *, means: Means, heads: 
     name = hook_name(name, layer)
     ref = _means_for(means, name)
     fn = _Ablation("mean", name, lambda act, site: _check_reference(ref, act, site, "means"),
-                   heads, neurons, positions)
+                   heads, neurons, positions, features)
     return name, fn
 
 
@@ -249,7 +263,7 @@ def resample_indices(n: int, n_source: int, seed: int = 0) -> Int[Tensor, "n"]:
 
 def resample_ablate(name: str, layer: Optional[int] = None, *, source: Union[Tensor, Mapping],
                     model=None, seed: int = 0, heads: Index = None, neurons: Index = None,
-                    positions: Index = None) -> Hook:
+                    positions: Index = None, features: Index = None) -> Hook:
     """(hook_name, fn) replacing the selected part of each prompt's activation by its value on
     another prompt (resample_indices(batch, n_source, seed) says which).
 
@@ -281,7 +295,7 @@ def resample_ablate(name: str, layer: Optional[int] = None, *, source: Union[Ten
                              "after the batch axis (same sequence length)")
         return src.to(act.device)[resample_indices(act.shape[0], src.shape[0], seed).to(act.device)]
 
-    return name, _Ablation("resample", name, replacement, heads, neurons, positions)
+    return name, _Ablation("resample", name, replacement, heads, neurons, positions, features)
 
 
 def _layer_head(pair) -> tuple[int, int]:

@@ -608,3 +608,36 @@ def test_feature_card_of_the_bundled_sae(tmp_path, capsys):
     assert "top contexts:" in capsys.readouterr().out and (tmp_path / "c.png").exists()
     assert main(["feature", "lens-tiny-attn2l-sae", "5000"]) == 2
     assert "feature=5000 must be an int in [0, d_sae=1024)" in capsys.readouterr().err
+
+
+def test_features_are_ablated_with_the_ablation_builders():
+    from lens.ablation import mean_ablate, zero_ablate
+    model, tokens = make_model(), make_tokens(make_model(), pos=5)
+    sae = random_sae(d_sae=12)
+    name = sae.hook_name + ".hook_sae_acts_post"
+    with saes(model, sae):
+        _, cache = model.run_with_cache(tokens, names_filter=[name])
+        acts = cache[name]
+
+        def by_hand(fn):  # the reconstruction from edited features, then the rest of the model
+            recons = fn(acts.clone()) @ sae.W_dec + sae.b_dec
+            return model.run_with_hooks(tokens, fwd_hooks=[(sae.hook_name, lambda x, hook: recons)])
+
+        def zero(a):
+            a[:, 1:3, [2, 5]] = 0
+            return a
+        got = model.run_with_hooks(tokens, fwd_hooks=[zero_ablate(name, features=[2, 5], positions=[1, 2])])
+    torch.testing.assert_close(got, by_hand(zero))
+    means = acts.mean(0)
+    with saes(model, sae):
+        got = model.run_with_hooks(tokens, fwd_hooks=[mean_ablate(name, means=means, features=slice(0, 4))])
+
+    def mean(a):
+        a[..., :4] = means[..., :4]
+        return a
+    torch.testing.assert_close(got, by_hand(mean))
+    with pytest.raises(ValueError, match="features= given for 'blocks.0.hook_resid_post', which has no d_sae"):
+        zero_ablate("blocks.0.hook_resid_post", features=[1])
+    with saes(model, sae), pytest.raises(ValueError, match="feature \\[12\\] out of range .* 12 features"):
+        model.run_with_hooks(tokens, fwd_hooks=[zero_ablate(name, features=[12])])
+    assert "features=[2]" in repr(zero_ablate(name, features=[2])[1])
