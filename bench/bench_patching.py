@@ -2,9 +2,14 @@
 model: lens (patches stacked along the batch, each run starting at the patched layer) vs lens with
 one patch per forward, vs lens's naive loop (one full forward per patch), vs TransformerLens's
 get_act_patch_attn_head_out_by_pos on a TL-native TransformerBridge holding the same weights.
+A second table times resid_pre per layer × position (lens vs TransformerLens's
+get_act_patch_resid_pre) and path patching from every head to the final stream (lens only).
+The prompts agree before --corrupt-at (default pos // 2), where lens's runs compute nothing;
+--corrupt-at 0 gives prompts that differ from the first position, where that saving is nil.
 
     python bench/bench_patching.py                     # 4 layers, 6 positions, CPU
     python bench/bench_patching.py --layers 12 --pos 10
+    python bench/bench_patching.py --corrupt-at 0
 """
 
 import argparse
@@ -19,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import gpt2_small_sized, table  # noqa: E402
 
 from lens.cache import act_name  # noqa: E402
-from lens.patching import activation_patch  # noqa: E402
+from lens.patching import activation_patch, path_patch_senders  # noqa: E402
 
 
 def naive_sweep(model, clean, corrupted, metric):
@@ -61,8 +66,13 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--corrupt-at", type=int, default=None,
+                    help="the position where the corrupted prompt differs (default: pos // 2)")
     ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens")
     args = ap.parse_args()
+    at = args.pos // 2 if args.corrupt_at is None else args.corrupt_at
+    if not 0 <= at < args.pos:
+        ap.error(f"--corrupt-at {at} must be a position in [0, {args.pos})")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -70,7 +80,8 @@ def main():
     g = torch.Generator().manual_seed(0)
     clean = torch.randint(0, model.cfg.d_vocab, (args.batch, args.pos), generator=g)
     corrupted = clean.clone()
-    corrupted[:, args.pos // 2] = torch.randint(0, model.cfg.d_vocab, (args.batch,), generator=g)
+    corrupted[:, at] = (clean[:, at] + 1 + torch.randint(0, model.cfg.d_vocab - 1, (args.batch,),
+                                                          generator=g)) % model.cfg.d_vocab
     metric = lambda logits: (logits[:, -1, 0] - logits[:, -1, 1]).mean()  # noqa: E731
     n_patches = args.layers * model.cfg.n_heads * args.pos
     fns = {
@@ -86,6 +97,24 @@ def main():
             model, clean, corrupted, metric, site="z", per="head_pos", batch_size=1, progress=False).values,
         "lens naive loop (full forward per patch)": lambda: naive_sweep(model, clean, corrupted, metric),
     }
+    # the second table: (sweep, method) -> (patches, fn); rows of a sweep compare with its first
+    n_resid, n_path = args.layers * args.pos, args.layers * model.cfg.n_heads
+    final = [("resid_post", -1)]
+    more = {
+        ("resid_pre per layer_pos", "lens (skips layers, earlier and agreeing positions)"): (
+            n_resid, lambda: activation_patch(model, clean, corrupted, metric, site="resid_pre",
+                                              per="layer_pos", progress=False).values),
+        ("resid_pre per layer_pos", "lens, skip_prefix=False (every position)"): (
+            n_resid, lambda: activation_patch(model, clean, corrupted, metric, site="resid_pre",
+                                              per="layer_pos", progress=False, skip_prefix=False).values),
+        ("path patching, every head -> resid_post[-1]", f"lens, prompts differ from position {at}"): (
+            n_path, lambda: path_patch_senders(model, clean, corrupted, metric, final, progress=False).values),
+    }
+    if at:  # the same sweep over prompts that differ from position 0 too: no agreeing positions
+        from_0 = corrupted.clone()
+        from_0[:, 0] = (clean[:, 0] + 1) % model.cfg.d_vocab
+        more["path patching, every head -> resid_post[-1]", "lens, prompts differ from position 0 (other values)"] = (
+            n_path, lambda: path_patch_senders(model, clean, from_0, metric, final, progress=False).values)
     note = ""
     if not args.no_tl:
         try:
@@ -95,25 +124,48 @@ def main():
             fns["TransformerLens get_act_patch_attn_head_out_by_pos"] = lambda: _quiet(
                 lambda: tlp.get_act_patch_attn_head_out_by_pos(bridge, corrupted, tl_cache, metric)
             ).permute(0, 2, 1)  # [layer, pos, head] -> [layer, head, pos]
+            more["resid_pre per layer_pos", "TransformerLens get_act_patch_resid_pre"] = (
+                n_resid, lambda: _quiet(lambda: tlp.get_act_patch_resid_pre(bridge, corrupted, tl_cache, metric)))
         except Exception as e:  # say why the peer could not run
             note = f"\nTransformerLens not run: {type(e).__name__}: {e}"
     model(clean)  # warm up
     t0 = time.perf_counter()
-    times, outs = {k: [] for k in fns}, {}
-    for _ in range(args.repeats):  # interleaved, so drift hits every method alike
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            outs[name] = fn()
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, outs = interleaved(fns, args.repeats)
     ref_name = "lens, logit_positions=[-1] (skips layers, earlier positions, unread logits)"
     rows = [[name, f"{t:.2f}", f"{n_patches / t:.0f}", f"{t / med[ref_name]:.2f}",
              f"{(outs[name] - outs[ref_name]).abs().max().item():.1e}"] for name, t in med.items()]
     print(f"z × head × position patching, GPT-2-small-sized random model ({args.layers} layers, 768 wide, "
-          f"12 heads, d_vocab 50257), batch {args.batch} × {args.pos} positions = {n_patches} patches; "
-          f"CPU, {torch.get_num_threads()} threads, median of {args.repeats} "
-          f"(all runs {time.perf_counter() - t0:.0f} s)\n")
+          f"12 heads, d_vocab 50257), batch {args.batch} × {args.pos} positions = {n_patches} patches, "
+          f"prompts differing from position {at}; CPU, {torch.get_num_threads()} threads, median of "
+          f"{args.repeats} (all runs {time.perf_counter() - t0:.0f} s)\n")
     print(table(rows, ["method", "seconds", "patches/s", "time / lens first row", "max |Δ| vs lens first row"]) + note)
+
+    t0 = time.perf_counter()
+    med, outs = interleaved({key: fn for key, (_, fn) in more.items()}, args.repeats)
+    first = {}  # each sweep's first row
+    for key in more:
+        first.setdefault(key[0], key)
+    rows = []
+    for key in sorted(more, key=lambda key: list(first).index(key[0])):  # grouped by sweep
+        count, ref = more[key][0], first[key[0]]
+        delta = "—" if "other values" in key[1] else f"{(outs[key] - outs[ref]).abs().max().item():.1e}"
+        rows.append([*key, str(count), f"{med[key]:.2f}", f"{count / med[key]:.0f}",
+                     f"{med[key] / med[ref]:.2f}", delta])
+    print(f"\nother sweeps, the same model and prompts (median of {args.repeats}, all runs "
+          f"{time.perf_counter() - t0:.0f} s)\n")
+    print(table(rows, ["sweep", "method", "patches", "seconds", "patches/s", "time / sweep's first row",
+                       "max |Δ| vs sweep's first row"]))
+
+
+def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Median seconds and last output of each callable, run interleaved so drift hits all alike."""
+    times, outs = {k: [] for k in fns}, {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}, outs
 
 
 def _quiet(fn):

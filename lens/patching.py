@@ -64,6 +64,10 @@ class PatchResult:
         title = title or f"{self.site} patched per {self.per} ({self.direction.replace('_', ' ')})"
         if self.per == "layer":
             return heatmap(v[None], ["metric"], lab["layer"], title, "layer", "", path)
+        if self.per == "feature":  # lens.sae.feature_patch / feature_ablate
+            return heatmap(v[None], ["metric"], lab["feature"], title, "feature", "", path)
+        if self.per == "feature_pos":
+            return heatmap(v, lab["feature"], lab["pos"], title, "position", "feature", path)
         if self.per == "head_pos":
             rows = [f"L{l}H{h}" for l in lab["layer"] for h in lab["head"]]
             return heatmap(v.flatten(0, 1), rows, lab["pos"], title, "position", "layer, head", path)
@@ -266,7 +270,13 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
     patch of resid_post at layer l starts at layer l + 1). Per position (layer_pos, head_pos),
     a patch at position p changes nothing before p: the run computes the positions from p on,
     attending to the base run's keys and values before p, and its logits before p are the base
-    run's (skip_prefix=False computes every position, as a full run does; both are exact).
+    run's. Runs also skip the positions where the prompts agree: before p0, the first position at
+    which the base and source tokens differ in any prompt of the batch, every activation of the
+    two runs is the same under causal attention, so a patch at a position before p0 scores the
+    base run without a forward pass, and a patch of every position (per layer, head) computes
+    only the positions from p0 on, over the base run's keys and values before p0 (identical
+    prompts: every patch scores the base run). skip_prefix=False computes every position of
+    every patch, as a full run does; both are exact.
     logit_positions: the positions the metric reads (e.g. [-1]); the final norm and the
     unembedding then run only there, and the metric's logits hold NaN elsewhere (a metric that
     reads another position is refused).
@@ -279,19 +289,28 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
     stream = [sites.name("resid_pre", l) for l in range(L)] + [sites.name("resid_post", L - 1)]
     grid = _grid(per, H, n)
     by_pos = skip_prefix and per.endswith("pos")  # a patch at position p changes nothing before p
+    p0 = _first_difference(base, src) if skip_prefix else 0  # the two runs agree before p0
+    # a patch whose positions all lie before p0 copies the base run's own values: it scores the base run
+    noop = [(n - 1 if q is None else q) < p0 for q, _ in grid]
+    todo = [j for j, skip in enumerate(noop) if not skip]
     k = _chunk(model, base, batch_size, memory_budget, 2 * H * model.cfg.d_model if site == "result" else 0)
     pos_axis, head_axis = SITES[site]
     scores: list[Optional[Tensor]] = [None] * (L * len(grid))
     with torch.no_grad(), tqdm(total=L * len(grid), disable=not progress,
                                desc=f"patching {site} per {per}") as bar:
         src_logits, src_cache = model.run_with_cache(src, names_filter=names)
-        base_kv = KVCache(L) if by_pos else None
+        base_kv = KVCache(L) if todo and (by_pos or p0) else None
         base_logits, base_cache = model.run_with_cache(base, names_filter=stream, past_kv=base_kv)
         baselines = _baselines(metric, base_logits, src_logits)
+        base_score = _score(metric, base_logits)
         read = _logit_positions(metric, base_logits, logit_positions)
-        finals: list[Optional[Tensor]] = [None] * len(scores)  # the final stream where read
-        plan = _plan(grid, by_pos, k, n, base.shape[0], base.device)
+        finals: dict[int, Tensor] = {}  # the final stream where read, by index into scores
+        plan = _plan(grid, todo, by_pos, p0, k, n, base.shape[0], base.device)
         for l in range(L):
+            for j in range(len(grid)):
+                if noop[j]:
+                    scores[l * len(grid) + j] = base_score
+            bar.update(len(grid) - len(todo))
             start = l + 1 if site == "resid_post" else l
             source = src_cache[names[l]]
             for p, chunk in plan:
@@ -318,8 +337,11 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
                 for j, score in zip(chunk, _scores(metric, logits, len(chunk))):
                     scores[l * len(grid) + j] = score
                 bar.update(len(chunk))
-        if read is not None:
-            scores = _score_read(model, metric, finals, read, base_logits.shape)
+        if finals:
+            at = sorted(finals)
+            for i, score in zip(at, _score_read(model, metric, [finals[i] for i in at], read,
+                                                base_logits.shape)):
+                scores[i] = score
     values = torch.stack(scores).float().cpu().view(L, *_grid_shape(per, H, n))
     return _result(model, values, base, src, site, per, direction, baselines)
 
@@ -371,17 +393,19 @@ def _score_read(model: HookedGPT, metric: Metric, finals: list[Tensor], read: Te
     return scores
 
 
-def _plan(grid: list[Patch], by_pos: bool, k: int, n: int, batch: int, device) -> list[tuple[int, list[int]]]:
-    """The forward passes of one layer's patches: (first position computed, grid indices).
-    Per position, a run needs the positions from its earliest patch on; patches of nearby
+def _plan(grid: list[Patch], todo: list[int], by_pos: bool, p0: int, k: int, n: int, batch: int,
+          device) -> list[tuple[int, list[int]]]:
+    """The forward passes of one layer's patches `todo` (indices into grid): (first position
+    computed, grid indices). Runs compute the positions from p0 on (the prompts agree before it);
+    per position, a run needs the positions from its earliest patch on; patches of nearby
     positions share a run where the extra rows cost less than another pass over the weights
     (a dynamic programme over the positions, counting a pass as `weight_rows` rows)."""
     chunks = lambda idx: [idx[i:i + k] for i in range(0, len(idx), k)]  # noqa: E731
     if not by_pos:
-        return [(0, c) for c in chunks(list(range(len(grid))))]
+        return [(p0, c) for c in chunks(todo)]
     groups: dict[int, list[int]] = {}
-    for j, (p, _) in enumerate(grid):
-        groups.setdefault(p, []).append(j)
+    for j in todo:
+        groups.setdefault(grid[j][0], []).append(j)
     ps = sorted(groups)
     counts = [0]
     for p in ps:
@@ -410,6 +434,14 @@ def _prefix(base_kv: KVCache, p: int, copies: int) -> KVCache:
         entry.k, entry.v = (t[:, :p].repeat(copies, 1, 1, 1) for t in (base.k, base.v))
     prefix.freeze()
     return prefix
+
+
+def _first_difference(base: Int[Tensor, "batch pos"], src: Int[Tensor, "batch pos"]) -> int:
+    """The first position at which the base and source tokens differ in any prompt of the batch,
+    pos when they are equal (_runs gives both one shape). Under causal attention every activation
+    before it is the same in the two runs, so a patch there copies the base run's own value."""
+    differ = (base != src).any(0).nonzero()
+    return int(differ[0, 0]) if len(differ) else base.shape[1]
 
 
 # ---------------------------------------------------------------------- attribution patching
@@ -536,18 +568,26 @@ def _check_paths(model: HookedGPT, senders: list[tuple[int, int]],
 def _path_runs(model: HookedGPT, base: Tensor, src: Tensor, metric: Metric,
                sender_sets: list[list[tuple[int, int]]], recv: list[tuple[str, int, Optional[int]]],
                k: int, progress: bool) -> tuple[list[Tensor], tuple[float, float]]:
-    """Path-patch each sender set to the receivers, k sets per forward pass."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
+    """Path-patch each sender set to the receivers, k sets per forward pass. The patched runs
+    compute the positions from p0 on (the prompts agree before it, and so do both runs), over
+    the base run's keys and values before p0; their logits before p0 are the base run's."""
+    L, H, n = model.cfg.n_layers, model.cfg.n_heads, base.shape[1]
     z_names = [act_name("z", l) for l in range(L)]
     stream = [sites.name("resid_pre", l) for l in range(L)]
-    recv_names = list(dict.fromkeys(n for n, _, _ in recv))
+    recv_names = list(dict.fromkeys(m for m, _, _ in recv))
     r_lo, r_hi = min(l for _, l, _ in recv), max(l for _, l, _ in recv) + 1
+    p0 = _first_difference(base, src)
     scores: list[Tensor] = []
     with torch.no_grad(), tqdm(total=len(sender_sets), disable=not progress, desc="path patching") as bar:
         # 1. the base and source runs
         src_logits, src_cache = model.run_with_cache(src, names_filter=z_names)
-        base_logits, base_cache = model.run_with_cache(base, names_filter=z_names + stream)
+        base_kv = KVCache(L) if 0 < p0 < n else None
+        base_logits, base_cache = model.run_with_cache(base, names_filter=z_names + stream, past_kv=base_kv)
         baselines = _baselines(metric, base_logits, src_logits)
+        if p0 == n:  # the same prompts: every sender's source value is its base value
+            bar.update(len(sender_sets))
+            return [_score(metric, base_logits)] * len(sender_sets), baselines
+        src_z, base_z = ({m: cache[m][:, p0:] for m in z_names} for cache in (src_cache, base_cache))
         for i in range(0, len(sender_sets), k):
             sets = sender_sets[i:i + k]
             senders = torch.zeros(L, len(sets), H, dtype=torch.bool)
@@ -555,37 +595,39 @@ def _path_runs(model: HookedGPT, base: Tensor, src: Tensor, metric: Metric,
                 for l, h in s:
                     senders[l, j, h] = True
             senders = senders.to(base.device)[..., None, None, :, None]  # [L, k, 1, 1, H, 1]
+            prefix = _prefix(base_kv, p0, len(sets)) if p0 else None  # frozen: both runs read it
 
             # 2. senders from the source run, every other head frozen at the base run; MLPs and
             #    LayerNorms recompute. Capture what the receivers read.
             def freeze(z: Tensor, hook) -> Tensor:
-                n = hook.name
-                return torch.where(senders[hook.layer()], src_cache[n], base_cache[n]).flatten(0, 1)
+                m = hook.name
+                return torch.where(senders[hook.layer()], src_z[m], base_z[m]).flatten(0, 1)
 
             captured: dict[tuple[str, Optional[int]], Tensor] = {}
 
             def grab(x: Tensor, hook) -> None:
-                for n, _, h in recv:
-                    if n == hook.name:
-                        captured[n, h] = (x if h is None else x[:, :, h]).clone()
+                for m, _, h in recv:
+                    if m == hook.name:
+                        captured[m, h] = (x if h is None else x[:, :, h]).clone()
 
             start = min(r_lo, min(l for s in sets for l, _ in s))
-            x = base_cache[stream[start]].repeat(len(sets), 1, 1)
-            model.run_with_hooks(x, start_at_layer=start, stop_at_layer=r_hi,
+            x = base_cache[stream[start]][:, p0:].repeat(len(sets), 1, 1)
+            model.run_with_hooks(x, start_at_layer=start, stop_at_layer=r_hi, past_kv=prefix,
                                  fwd_hooks=[(z_names[start:r_hi], freeze), (recv_names, grab)])
 
             # 3. a run where only the receivers' inputs are patched
             def put(x: Tensor, hook) -> Tensor:
                 x = x.clone()
-                for n, _, h in recv:
-                    if n == hook.name and h is None:
-                        x = captured[n, h]
-                    elif n == hook.name:
-                        x[:, :, h] = captured[n, h]
+                for m, _, h in recv:
+                    if m == hook.name and h is None:
+                        x = captured[m, h]
+                    elif m == hook.name:
+                        x[:, :, h] = captured[m, h]
                 return x
 
-            x = base_cache[stream[r_lo]].repeat(len(sets), 1, 1)
-            logits = model.run_with_hooks(x, start_at_layer=r_lo, fwd_hooks=[(recv_names, put)])
+            x = base_cache[stream[r_lo]][:, p0:].repeat(len(sets), 1, 1)
+            out = model.run_with_hooks(x, start_at_layer=r_lo, past_kv=prefix, fwd_hooks=[(recv_names, put)])
+            logits = out if not p0 else torch.cat([base_logits[:, :p0].repeat(len(sets), 1, 1), out], 1)
             scores += _scores(metric, logits, len(sets))
             bar.update(len(sets))
     return scores, baselines
@@ -606,7 +648,9 @@ def path_patch(model: HookedGPT, clean_tokens: Prompts,
     ("resid_post", -1) for the last layer). Each sender must reach a receiver and each
     receiver be reached by a sender: a head's q/k/v input in a later layer, or the stream from
     the sender's hook_attn_out on. The IOI paper's setup, with the senders carrying the
-    corrupted (ABC) run into the clean one, is direction="corrupted_to_clean"."""
+    corrupted (ABC) run into the clean one, is direction="corrupted_to_clean". Steps (2) and (3)
+    compute only the positions from the first one where the prompts differ (in any prompt of
+    the batch), over the base run's keys and values before it: there both runs agree."""
     base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
     sets, recv = [_parse_senders(model, senders)], _parse_receivers(model, receivers)
     _check_paths(model, sets[0], recv)

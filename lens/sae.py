@@ -819,48 +819,117 @@ def _features(sae: SAE, features) -> list[int]:
 
 def feature_patch(model, sae: SAE, clean_tokens, corrupted_tokens, metric, per: str = "feature",
                   features=None, direction: str = "clean_to_corrupted", use_error_term: bool = True,
-                  batch_size: Optional[int] = None, progress: bool = True):
+                  batch_size: Optional[int] = None, progress: bool = True, skip_prefix: bool = True):
     """Activation patching over an SAE's features: with the SAE spliced in, copy feature f (at
     every position, per="feature"; at one position, per="feature_pos") from the source run into
     the base run and score each patched run with `metric` (as lens.patching.activation_patch,
     whose batched engine this is: several patches per forward pass, each starting at the SAE's
-    layer from the base run's cached stream). With use_error_term the error term of the base
-    run stays, so an unpatched run is the model's own. Returns a PatchResult with values
-    [n_features] or [n_features, pos] and labels {"feature": ..., ("pos": ...)}."""
-    from tqdm.auto import tqdm
+    layer from the base run's cached stream, computing only the positions from the patch on,
+    and from the first position where the prompts differ, over the base run's keys and values
+    before it; skip_prefix=False computes every position). With use_error_term the error term
+    of the base run stays, so an unpatched run is the model's own. A BatchTopK SAE's features
+    depend on every row of the batch, so for it each patch runs alone, at every position, as a
+    naive loop does. Returns a PatchResult with values [n_features] or [n_features, pos] and
+    labels {"feature": ..., ("pos": ...)}."""
     from lens import patching as P
     if per not in FEATURE_PERS:
         raise ValueError(f"per={per!r}; valid values are {FEATURE_PERS}")
     base, src = P._runs(model, clean_tokens, corrupted_tokens, direction)
     P._check_chunking(batch_size, None)
-    feats, n = _features(sae, features), base.shape[1]
-    acts_name, start = f"{sae.hook_name}.hook_sae_acts_post", model.hook_dict[sae.hook_name].layer() or 0
-    stream = sites.name("resid_pre", start)
-    grid = [(f, p) for f in feats for p in (range(n) if per == "feature_pos" else [None])]
-    k = batch_size or max(1, min(len(grid), 2 ** 30 // max(1, base.numel() * (
-        4 * model.cfg.d_model + sae.d_sae + model.cfg.d_vocab) * 4)))
-    scores: list[Tensor] = []
-    with torch.no_grad(), _splice(model, sae, use_error_term=use_error_term), \
-            tqdm(total=len(grid), disable=not progress, desc=f"patching features of {sae.hook_name}") as bar:
-        src_logits, src_cache = model.run_with_cache(src, names_filter=[acts_name])
-        base_logits, base_cache = model.run_with_cache(base, names_filter=[stream])
-        baselines = P._baselines(metric, base_logits, src_logits)
-        source = src_cache[acts_name]  # [batch, pos, d_sae]
-        for i in range(0, len(grid), k):
-            chunk = grid[i:i + k]
-            mask = torch.zeros(len(chunk), 1, n, sae.d_sae, dtype=torch.bool, device=source.device)
-            for j, (f, p) in enumerate(chunk):
-                mask[j, 0, slice(None) if p is None else p, f] = True
-            x = base_cache[stream].repeat(len(chunk), 1, 1)
-            hook = (acts_name, lambda a, hook: P._patch(a, mask, source))
-            logits = model.run_with_hooks(x, start_at_layer=start, fwd_hooks=[hook])
-            scores += P._scores(metric, logits, len(chunk))
-            bar.update(len(chunk))
-    values = torch.stack(scores).float().cpu().view(len(feats), *((n,) if per == "feature_pos" else ()))
-    labels = {"feature": feats, **({"pos": list(range(n))} if per == "feature_pos" else {})}
-    (base_m, src_m), forward = baselines, direction == "clean_to_corrupted"
-    return P.PatchResult(values, labels, acts_name, per, direction,
+    skip = skip_prefix and sae.activation != "batchtopk"
+    p0 = P._first_difference(base, src) if skip else 0
+    name = f"{sae.hook_name}.hook_sae_acts_post"
+    with torch.no_grad(), _splice(model, sae, use_error_term=use_error_term):
+        src_logits, src_cache = model.run_with_cache(src, names_filter=[name])
+        src_m = float(P._score(metric, src_logits))
+        values, (base_m, _) = _feature_sweep(model, sae, base, src_cache[name], metric, per, features,
+                                             p0, skip, batch_size, progress,
+                                             f"patching features of {sae.hook_name}")
+    forward = direction == "clean_to_corrupted"
+    return P.PatchResult(values, _feature_labels(sae, features, base, per), name, per, direction,
                          src_m if forward else base_m, base_m if forward else src_m)
+
+
+def feature_ablate(model, sae: SAE, tokens, metric, per: str = "feature", features=None,
+                   means: Optional[Tensor] = None, use_error_term: bool = True,
+                   batch_size: Optional[int] = None, progress: bool = True):
+    """Ablation over an SAE's features with feature_patch's batched engine: with the SAE spliced
+    in, set feature f (at every position, per="feature"; at one, per="feature_pos") to zero, or
+    to `means` [d_sae] (or [pos, d_sae]) when given, and score each run with `metric`.
+    Returns a PatchResult with direction "zero_ablation" / "mean_ablation", whose baseline
+    (clean_metric) is the metric of the unablated run."""
+    from lens import patching as P
+    if per not in FEATURE_PERS:
+        raise ValueError(f"per={per!r}; valid values are {FEATURE_PERS}")
+    base = P.as_tokens(model, tokens)
+    P._check_chunking(batch_size, None)
+    name = f"{sae.hook_name}.hook_sae_acts_post"
+    with torch.no_grad(), _splice(model, sae, use_error_term=use_error_term):
+        _, cache = model.run_with_cache(base, names_filter=[name])
+        acts = cache[name]
+        if means is None:
+            source = torch.zeros_like(acts)
+        else:
+            means = torch.as_tensor(means, dtype=acts.dtype, device=acts.device)
+            if means.shape not in (acts.shape[-1:], acts.shape[-2:]):
+                raise ValueError(f"means of shape {tuple(means.shape)}; give [d_sae] = "
+                                 f"[{sae.d_sae}] or [pos, d_sae] = {list(acts.shape[-2:])}")
+            source = means.expand_as(acts)
+        values, (base_m, _) = _feature_sweep(model, sae, base, source, metric, per, features, 0,
+                                             sae.activation != "batchtopk", batch_size, progress,
+                                             f"ablating features of {sae.hook_name}")
+    how = "zero_ablation" if means is None else "mean_ablation"
+    return P.PatchResult(values, _feature_labels(sae, features, base, per), name, per, how, base_m)
+
+
+def _feature_labels(sae: SAE, features, base: Tensor, per: str) -> dict:
+    return {"feature": _features(sae, features),
+            **({"pos": list(range(base.shape[1]))} if per == "feature_pos" else {})}
+
+
+def _feature_sweep(model, sae: SAE, base: Tensor, source: Tensor, metric, per: str, features,
+                   p0: int, skip: bool, batch_size: Optional[int], progress: bool, desc: str):
+    """The engine of feature_patch and feature_ablate, inside the splice: each (feature,
+    position) patch puts `source` [batch, pos, d_sae] into the base run's features; the
+    patches before p0 (where the source is the base run's) score the base run. Returns (values
+    [n_features(, pos)], (base metric, None))."""
+    from tqdm.auto import tqdm
+    from lens import patching as P
+    from lens.generate import KVCache
+    feats, n, L = _features(sae, features), base.shape[1], model.cfg.n_layers
+    name, start = f"{sae.hook_name}.hook_sae_acts_post", model.hook_dict[sae.hook_name].layer() or 0
+    stream = sites.name("resid_pre", start)
+    per_pos = per == "feature_pos"
+    grid = [(p, f) for f in feats for p in (range(n) if per_pos else [None])]
+    noop = [(n - 1 if p is None else p) < p0 for p, _ in grid]
+    todo = [j for j, skipped in enumerate(noop) if not skipped]
+    k = 1 if sae.activation == "batchtopk" else batch_size or max(1, min(len(grid), 2 ** 30 // max(
+        1, base.numel() * (4 * model.cfg.d_model + sae.d_sae + model.cfg.d_vocab) * 4)))
+    scores: list[Optional[Tensor]] = [None] * len(grid)
+    with tqdm(total=len(grid), disable=not progress, desc=desc) as bar:
+        base_kv = KVCache(L) if todo and skip and (per_pos or p0) else None
+        base_logits, base_cache = model.run_with_cache(base, names_filter=[stream], past_kv=base_kv)
+        base_score = P._score(metric, base_logits)
+        for j in range(len(grid)):
+            if noop[j]:
+                scores[j] = base_score
+        bar.update(len(grid) - len(todo))
+        for p, chunk in P._plan(grid, todo, per_pos and skip, p0, k, n, base.shape[0], base.device):
+            src_p = source[:, p:]
+            mask = torch.zeros(len(chunk), 1, n - p, sae.d_sae, dtype=torch.bool, device=source.device)
+            for i, j in enumerate(chunk):
+                q, f = grid[j]
+                mask[i, 0, slice(None) if q is None else q - p, f] = True
+            x = base_cache[stream][:, p:].repeat(len(chunk), 1, 1)
+            prefix = P._prefix(base_kv, p, len(chunk)) if p else None
+            hook = (name, lambda a, hook: P._patch(a, mask, src_p))
+            out = model.run_with_hooks(x, start_at_layer=start, past_kv=prefix, fwd_hooks=[hook])
+            logits = out if not p else torch.cat([base_logits[:, :p].repeat(len(chunk), 1, 1), out], 1)
+            for j, score in zip(chunk, P._scores(metric, logits, len(chunk))):
+                scores[j] = score
+            bar.update(len(chunk))
+    values = torch.stack(scores).float().cpu().view(len(feats), *((n,) if per_pos else ()))
+    return values, (float(base_score), None)
 
 
 def feature_attribution_patch(model, sae: SAE, clean_tokens, corrupted_tokens, metric,

@@ -179,6 +179,51 @@ def test_progress_bar_labels_and_plots(model, tmp_path, capsys):
     assert r.labels["pos"] == [f"{t}_{i}" for i, t in enumerate(model.to_str_tokens(clean[0]))]
 
 
+# runs skip the positions where the two prompts agree (before the first one that differs in any
+# prompt of the batch, p0): a patch there scores the base run, and every other run computes only
+# the positions from p0 on. Held to the naive loop where the prompts differ first at position 0,
+# late, or nowhere.
+FIRST = {"from 0": 0, "from 3 of 6": 3, "last only": 5, "identical": 6}
+SKIP_CASES = [("z", "layer"), ("z", "head"), ("z", "head_pos"), ("resid_pre", "layer"),
+              ("resid_pre", "layer_pos"), ("pattern", "head"), ("pattern", "head_pos"), ("k", "layer_pos"),
+              ("k", "head"), ("mlp_out", "layer"), ("mlp_out", "layer_pos"), ("resid_post", "layer")]
+
+
+def agreeing_until(model, first, batch=2, pos=6):
+    """Prompts that agree before `first` and differ there in the last prompt only (the first
+    prompt differs at the last position), identical when first == pos."""
+    clean = make_tokens(model, batch, pos, seed=1)
+    corrupted = clean.clone()
+    if first < pos:
+        for row, col in ((-1, first), (0, pos - 1)):
+            corrupted[row, col] = (clean[row, col] + 1) % model.cfg.d_vocab
+    return clean, corrupted
+
+
+def assert_sweeps_equal_the_naive_loop(model, clean, corrupted, site, per):
+    logits = naive_patched_logits(model, clean, corrupted, site, per, "clean_to_corrupted")
+    for metric, batch_size, read in ((logit_diff, 3, None), (coupled, None, None), (logit_diff, 2, [-1])):
+        got = activation_patch(model, clean, corrupted, metric, site=site, per=per, batch_size=batch_size,
+                               progress=False, logit_positions=read)
+        torch.testing.assert_close(got.values, naive_values(model, logits, metric, per, clean.shape[1]),
+                                   atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("first", list(FIRST.values()), ids=list(FIRST))
+@pytest.mark.parametrize("site,per", SKIP_CASES)
+def test_sweeps_skip_the_positions_where_the_prompts_agree(first, site, per):
+    model = make_model(8, n_ctx=16)
+    assert_sweeps_equal_the_naive_loop(model, *agreeing_until(model, first), site, per)
+
+
+@pytest.mark.parametrize("first", [0, 3, 6])
+@pytest.mark.parametrize("site,per", [("z", "layer"), ("z", "head_pos"), ("resid_pre", "layer_pos"),
+                                      ("pattern", "head"), ("mlp_out", "layer")])
+def test_skipping_agreeing_positions_on_rotary_grouped_query_attention(first, site, per):
+    model = make_model(0, n_ctx=16, **VARIANTS["rotary-gqa"])
+    assert_sweeps_equal_the_naive_loop(model, *agreeing_until(model, first), site, per)
+
+
 # ---------------------------------------------------------------------- attribution patching
 LINEAR_SITES = {
     # No LayerNorm and no MLP: the logits are W_U (resid_pre + Σ heads' z W_O + b_O) + b_U after the
@@ -315,6 +360,54 @@ def test_path_patching_to_the_final_stream_from_the_last_layer_is_activation_pat
             paths = path_patch_senders(model, clean, corrupted, logit_diff, [receiver],
                                        direction=direction, progress=False)
             torch.testing.assert_close(paths.values[-1], act.values[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("first", list(FIRST.values()), ids=list(FIRST))
+def test_path_patching_skips_the_positions_where_the_prompts_agree(first):
+    model = make_model(5, n_layers=3, n_ctx=16)
+    clean, corrupted = agreeing_until(model, first)
+    for senders, receivers in PATHS[:4]:
+        for direction in ("clean_to_corrupted", "corrupted_to_clean"):
+            for metric in (logit_diff, coupled):
+                got = path_patch(model, clean, corrupted, metric, senders, receivers, direction=direction)
+                want = naive_path_patch(model, clean, corrupted, metric, senders, receivers, direction)
+                assert got == pytest.approx(want, abs=1e-5, rel=1e-5)
+    receivers = [(2, 0, "q"), (2, 1, "k"), "blocks.1.hook_resid_post"]
+    r = path_patch_senders(model, clean, corrupted, logit_diff, receivers, batch_size=4, progress=False)
+    want = torch.tensor([[naive_path_patch(model, clean, corrupted, logit_diff, [(l, h)], receivers,
+                                           "clean_to_corrupted") for h in range(2)] for l in range(3)])
+    torch.testing.assert_close(r.values, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("first", [0, 3, 6])
+def test_positions_before_the_first_difference_are_not_computed(model, first):
+    # the last layer runs in every patched run: count the positions it sees. The first two
+    # forwards are the unpatched source and base runs, of every position.
+    clean, corrupted = agreeing_until(model, first)
+    n = clean.shape[1]
+
+    def positions_seen(name, sweep):
+        seen = []
+        with model.hooks(fwd_hooks=[(name, lambda x, hook: seen.append(x.shape[1]))]):
+            sweep()
+        assert seen[:2] == [n, n]
+        return seen[2:]
+
+    for per in ("layer", "head", "head_pos"):
+        seen = positions_seen("blocks.1.attn.hook_z", lambda: activation_patch(
+            model, clean, corrupted, logit_diff, site="z", per=per, progress=False))
+        if first == n:  # identical prompts: no patched run
+            assert seen == []
+        elif per == "head_pos":  # runs of the patches at p >= first compute the positions from p on
+            assert seen and max(seen) == n - first
+        else:
+            assert seen and set(seen) == {n - first}
+        every = positions_seen("blocks.1.attn.hook_z", lambda: activation_patch(
+            model, clean, corrupted, logit_diff, site="z", per=per, progress=False, skip_prefix=False))
+        assert set(every) == {n}
+    seen = positions_seen("blocks.1.hook_resid_post", lambda: path_patch_senders(
+        model, clean, corrupted, logit_diff, [("resid_post", -1)], progress=False))
+    assert set(seen) == (set() if first == n else {n - first}) and (seen or first == n)
 
 
 # ---------------------------------------------------------------------- bad input

@@ -641,3 +641,73 @@ def test_features_are_ablated_with_the_ablation_builders():
     with saes(model, sae), pytest.raises(ValueError, match="feature \\[12\\] out of range .* 12 features"):
         model.run_with_hooks(tokens, fwd_hooks=[zero_ablate(name, features=[12])])
     assert "features=[2]" in repr(zero_ablate(name, features=[2])[1])
+
+
+def _naive_feature_edit(model, sae, tokens, metric, per, value):
+    """One full forward per (feature, position), the SAE spliced, feature f set to value[..., f]."""
+    name = f"{sae.hook_name}.hook_sae_acts_post"
+    out = []
+    with saes(model, sae, use_error_term=True):
+        for f in range(sae.d_sae):
+            for p in (range(tokens.shape[1]) if per == "feature_pos" else [slice(None)]):
+                def put(a, hook, f=f, p=p):
+                    a = a.clone()
+                    a[:, p, f] = value.expand_as(a)[:, p, f]
+                    return a
+                m = metric(model.run_with_hooks(tokens, fwd_hooks=[(name, put)]))
+                out.append(m.mean() if m.ndim else m)
+    return torch.stack(out).detach()
+
+
+@pytest.mark.parametrize("per", ["feature", "feature_pos"])
+@pytest.mark.parametrize("differ", [[0], [3], [3, 4], []])
+@pytest.mark.parametrize("kind", [dict(activation="relu"), dict(activation="batchtopk", k=3)])
+def test_feature_patching_skips_only_what_cannot_change(per, differ, kind):
+    """Runs compute the positions from the patch on, and from the first position where the
+    prompts differ; a BatchTopK SAE, whose features depend on the whole batch, runs each patch
+    alone at every position. All held to the naive loop."""
+    from lens.sae import feature_patch
+    model = make_model(n_layers=3)
+    clean = make_tokens(model, pos=5, seed=1)
+    corrupted = clean.clone()
+    for p in differ:
+        corrupted[:, p] = make_tokens(model, pos=5, seed=2 + p)[:, p]
+    sae = random_sae(hook="blocks.1.hook_resid_pre", d_sae=10, **kind)
+    metric = lambda logits: logits[:, -1, 3] - logits[:, -1, 5]  # noqa: E731
+    name = f"{sae.hook_name}.hook_sae_acts_post"
+    with saes(model, sae, use_error_term=True):
+        _, cache = model.run_with_cache(clean, names_filter=[name])
+    want = _naive_feature_edit(model, sae, corrupted, metric, per, cache[name])
+    seen = []
+    probe = ("blocks.2.hook_resid_pre", lambda x, hook: seen.append(x.shape[1]))
+    with model.hooks(fwd_hooks=[probe]):
+        got = feature_patch(model, sae, clean, corrupted, metric, per=per, batch_size=4, progress=False)
+    torch.testing.assert_close(got.values.flatten(), want, atol=2e-5, rtol=2e-5)
+    p0 = differ[0] if differ else 5
+    patched = seen[2:]  # after the source and base runs
+    if kind["activation"] == "batchtopk":
+        assert patched == [5] * len(want)  # one patch per pass, every position
+    elif per == "feature":
+        assert set(patched) <= {5 - p0}
+    else:
+        assert patched and min(patched) >= 1 and max(patched) <= 5 - p0 if differ else patched == []
+
+
+@pytest.mark.parametrize("per", ["feature", "feature_pos"])
+def test_feature_ablation_equals_the_naive_loop(per):
+    from lens.sae import feature_ablate
+    model = make_model()
+    tokens = make_tokens(model, pos=5, seed=1)
+    sae = random_sae(hook="blocks.1.hook_resid_pre", d_sae=10)
+    metric = lambda logits: logits[:, -1, 3] - logits[:, -1, 5]  # noqa: E731
+    got = feature_ablate(model, sae, tokens, metric, per=per, batch_size=3, progress=False)
+    want = _naive_feature_edit(model, sae, tokens, metric, per, torch.zeros(sae.d_sae))
+    torch.testing.assert_close(got.values.flatten(), want, atol=2e-5, rtol=2e-5)
+    assert got.direction == "zero_ablation" and got.baseline == pytest.approx(float(metric(model(tokens)).mean().detach()), abs=1e-5)
+    means = torch.rand(sae.d_sae)
+    got = feature_ablate(model, sae, tokens, metric, per=per, means=means, progress=False)
+    torch.testing.assert_close(got.values.flatten(), _naive_feature_edit(model, sae, tokens, metric, per, means),
+                               atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match=r"means of shape \(3,\); give \[d_sae\] = \[10\]"):
+        feature_ablate(model, sae, tokens, metric, means=torch.zeros(3))
+    assert got.plot() is not None
