@@ -27,6 +27,9 @@ from lens.cache import act_name  # noqa: E402
 from lens.patching import activation_patch, path_patch_senders  # noqa: E402
 
 
+FIRST = "lens, logit_positions=[-1], logit_tokens=[0, 1] (only the logits the metric reads)"
+
+
 def naive_sweep(model, clean, corrupted, metric):
     """One full forward of the corrupted run per (layer, head, position) patch."""
     _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_z"))
@@ -85,6 +88,9 @@ def main():
     metric = lambda logits: (logits[:, -1, 0] - logits[:, -1, 1]).mean()  # noqa: E731
     n_patches = args.layers * model.cfg.n_heads * args.pos
     fns = {
+        FIRST: lambda: activation_patch(
+            model, clean, corrupted, metric, site="z", per="head_pos", progress=False,
+            logit_positions=[-1], logit_tokens=[0, 1]).values,
         "lens, logit_positions=[-1] (skips layers, earlier positions, unread logits)": lambda: activation_patch(
             model, clean, corrupted, metric, site="z", per="head_pos", progress=False,
             logit_positions=[-1]).values,
@@ -131,7 +137,7 @@ def main():
     model(clean)  # warm up
     t0 = time.perf_counter()
     med, outs = interleaved(fns, args.repeats)
-    ref_name = "lens, logit_positions=[-1] (skips layers, earlier positions, unread logits)"
+    ref_name = FIRST
     rows = [[name, f"{t:.2f}", f"{n_patches / t:.0f}", f"{t / med[ref_name]:.2f}",
              f"{(outs[name] - outs[ref_name]).abs().max().item():.1e}"] for name, t in med.items()]
     print(f"z × head × position patching, GPT-2-small-sized random model ({args.layers} layers, 768 wide, "

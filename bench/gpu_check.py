@@ -146,7 +146,7 @@ def _main(argv) -> list[list[str]]:
     answer = int(clean[0, -1])
     metric = lambda logits: logits[:, -1, answer]
     sweep = lambda: activation_patch(pmodel, clean, corrupted, metric, site="z", per="head_pos",
-                                     progress=False, logit_positions=[-1])
+                                     progress=False, logit_positions=[-1], logit_tokens=[answer])
     t_lens = timed(sweep, device, 1)
     t_every = timed(lambda: activation_patch(pmodel, clean, corrupted, metric, site="z", per="head_pos",
                                              progress=False, skip_prefix=False), device, 1)

@@ -414,15 +414,17 @@ class HookedGPT(Hookable, nn.Module):
         return resid
 
     def unembed_stage(self, resid: Float[Tensor, "batch pos d_model"],
-                      positions: Optional[Tensor] = None) -> Float[Tensor, "batch pos d_vocab"]:
+                      positions: Optional[Tensor] = None,
+                      tokens: Optional[Int[Tensor, "n"]] = None) -> Float[Tensor, "batch pos d_vocab"]:
         """The final norm, the unembedding (and the final soft-cap) and hook_logits on the stream
         after the last block.
-        `positions` (when given) are what hook.positions reports during this stage."""
+        `positions` (when given) are what hook.positions reports during this stage; `tokens`
+        (when given) are the only vocabulary entries computed: the logits are [batch, pos, n]."""
         token = None if positions is None else POSITIONS.set(positions)
         try:
             if self.ln_final is not None:
                 resid = self.ln_final(resid)
-            logits = self.unembed(resid)
+            logits = self.unembed(resid) if tokens is None else self.unembed.columns(resid, tokens)
             if self.cfg.final_softcap is not None:
                 logits = softcap(logits, self.cfg.final_softcap)
             return self.hook_logits.run(logits)
@@ -746,3 +748,9 @@ class _Unembed(nn.Module):
         if self._tied is not None:
             return F.linear(x, self._tied[0].W_E, self.b_U)
         return F.linear(x, self.W_U.T, self.b_U)
+
+    def columns(self, x: Float[Tensor, "batch pos d_model"],
+                tokens: Int[Tensor, "n"]) -> Float[Tensor, "batch pos n"]:
+        """The logits of `tokens` only: x @ W_U[:, tokens] (+ b_U[tokens])."""
+        W = self._tied[0].W_E[tokens] if self._tied is not None else self.W_U[:, tokens].T
+        return F.linear(x, W, None if self.b_U is None else self.b_U[tokens])

@@ -255,7 +255,8 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
                      per: str = "head_pos", direction: str = "clean_to_corrupted",
                      batch_size: Optional[int] = None, memory_budget: Union[int, float, None] = None,
                      progress: bool = True, skip_prefix: bool = True,
-                     logit_positions: Optional[Sequence[int]] = None) -> PatchResult:
+                     logit_positions: Optional[Sequence[int]] = None,
+                     logit_tokens: Optional[Sequence[int]] = None) -> PatchResult:
     """Patch `site` ("z", "resid_pre", "pattern", ...: see SITES) from the source run into the
     base run, one patch per layer × (head) × (position) as `per` says, and score each patched run.
 
@@ -279,7 +280,9 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
     every patch, as a full run does; both are exact.
     logit_positions: the positions the metric reads (e.g. [-1]); the final norm and the
     unembedding then run only there, and the metric's logits hold NaN elsewhere (a metric that
-    reads another position is refused).
+    reads another position is refused). logit_tokens: the vocabulary entries it reads (e.g. the
+    two of a logit difference); only those columns of W_U are computed, NaN elsewhere, checked
+    the same way (with logit_positions, or at every position).
     """
     base, src = _runs(model, clean_tokens, corrupted_tokens, direction)
     _check_site(model, site, per)
@@ -303,7 +306,7 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
         base_logits, base_cache = model.run_with_cache(base, names_filter=stream, past_kv=base_kv)
         baselines = _baselines(metric, base_logits, src_logits)
         base_score = _score(metric, base_logits)
-        read = _logit_positions(metric, base_logits, logit_positions)
+        read, cols = _logit_positions(metric, base_logits, logit_positions, logit_tokens)
         finals: dict[int, Tensor] = {}  # the final stream where read, by index into scores
         plan = _plan(grid, todo, by_pos, p0, k, n, base.shape[0], base.device)
         for l in range(L):
@@ -340,52 +343,82 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
         if finals:
             at = sorted(finals)
             for i, score in zip(at, _score_read(model, metric, [finals[i] for i in at], read,
-                                                base_logits.shape)):
+                                                base_logits.shape, cols)):
                 scores[i] = score
     values = torch.stack(scores).float().cpu().view(L, *_grid_shape(per, H, n))
     return _result(model, values, base, src, site, per, direction, baselines)
 
 
 def _logit_positions(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"],
-                     positions: Optional[Sequence[int]]) -> Optional[Tensor]:
-    """The positions (ascending, non-negative) a metric reads, checked: the metric of logits that
-    are NaN everywhere else must equal its metric of the whole logits."""
-    if positions is None:
-        return None
-    n = logits.shape[1]
-    try:
-        read = torch.as_tensor(list(positions), dtype=torch.long)
-    except (TypeError, ValueError):
-        raise TypeError(f"logit_positions={positions!r} must be a list of int positions") from None
-    if not read.numel() or read.ndim != 1 or ((read < -n) | (read >= n)).any():
-        raise ValueError(f"logit_positions={positions!r} must be positions in [-{n}, {n}) of the {n} tokens")
-    read = torch.unique(read % n)
+                     positions: Optional[Sequence[int]], tokens: Optional[Sequence[int]] = None
+                     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The positions (ascending, non-negative) and vocabulary entries a metric reads (None: all),
+    checked: the metric of logits that are NaN everywhere else must equal its metric of the
+    whole logits. Given tokens alone, every position is read."""
+    if positions is None and tokens is None:
+        return None, None
+    n, V = logits.shape[1:]
+
+    def ids(values, size: int, what: str, name: str) -> Tensor:
+        try:
+            t = torch.as_tensor(list(values))
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name}={values!r} must be a list of int {what}s") from None
+        if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
+            raise TypeError(f"{name}={values!r} must be a list of int {what}s")
+        if not t.numel() or t.ndim != 1 or ((t < -size) | (t >= size)).any():
+            raise ValueError(f"{name}={values!r} must be {what}s in [-{size}, {size}) of the {size}")
+        return torch.unique(t.long() % size)
+
+    read = torch.arange(n) if positions is None else ids(positions, n, "position", "logit_positions")
+    cols = None if tokens is None else ids(tokens, V, "token id", "logit_tokens")
     masked = torch.full_like(logits, math.nan)
-    masked[:, read] = logits[:, read]
+    r = read.to(logits.device)
+    if cols is None:
+        masked[:, r] = logits[:, r]
+    else:
+        c = cols.to(logits.device)
+        masked[:, r[:, None], c] = logits[:, r[:, None], c]
     want, got = _score(metric, logits), _score(metric, masked)
     if not torch.allclose(got, want, equal_nan=True):
-        raise ValueError(f"the metric reads logits at positions other than logit_positions="
-                         f"{positions!r} (its value changes when the others are NaN); give every "
-                         "position it reads, or None")
-    return read
+        if tokens is None:
+            raise ValueError(f"the metric reads logits at positions other than logit_positions="
+                             f"{positions!r} (its value changes when the others are NaN); give every "
+                             "position it reads, or None")
+        said = " and ".join(f"{k}={v!r}" for k, v in (("logit_positions", positions),
+                                                        ("logit_tokens", tokens)) if v is not None)
+        raise ValueError(f"the metric reads logits other than {said} (its value changes when the "
+                         "others are NaN); give every position and token it reads, or None")
+    return read, cols
 
 
 def _score_read(model: HookedGPT, metric: Metric, finals: list[Tensor], read: Tensor,
-                shape: tuple[int, int, int]) -> list[Tensor]:
+                shape: tuple[int, int, int], cols: Optional[Tensor] = None) -> list[Tensor]:
     """Each patch's metric of its logits [batch, pos, d_vocab]: the final norm and unembedding of
-    its final stream at the positions read, all patches' rows in large batches (one read of
-    W_U per batch), NaN at the positions not read."""
+    its final stream at the positions read (and only the columns `cols` of W_U when given, unless
+    a hook on hook_logits needs every one), all patches' rows in large batches (one read of W_U
+    per batch), NaN elsewhere."""
     b, n, V = shape
     per_chunk = max(1, min(len(finals), 2 ** 27 // (b * n * V * 4)))  # logits of ~128 MiB
     at = read.to(finals[0].device)
-    unread = torch.ones(n, dtype=torch.bool, device=at.device)
-    unread[at] = False
+    if cols is not None and model.hook_logits.fwd_hooks:
+        cols = None  # a hook reads the whole vocabulary
+    cols = None if cols is None else cols.to(at.device)
+    unread = torch.ones(n, V, dtype=torch.bool, device=at.device)
+    if cols is None:
+        unread[at] = False
+    else:
+        unread[at[:, None], cols] = False
     buffer = finals[0].new_full((per_chunk * b, n, V), math.nan)  # NaN where not read
     scores: list[Tensor] = []
     for i in range(0, len(finals), per_chunk):
         rows = torch.cat(finals[i:i + per_chunk])  # [c * batch, len(read), d_model]
         logits = buffer[:len(rows)]
-        logits[:, at] = model.unembed_stage(rows, positions=at.expand(len(rows), -1))
+        where = at.expand(len(rows), -1)
+        if cols is None:
+            logits[:, at] = model.unembed_stage(rows, positions=where)
+        else:
+            logits[:, at[:, None], cols] = model.unembed_stage(rows, positions=where, tokens=cols)
         version = buffer._version
         scores += _scores(metric, logits, len(rows) // b)
         if buffer._version != version and unread.any():  # the metric wrote in place: NaN again

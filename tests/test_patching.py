@@ -113,6 +113,11 @@ def test_per_position_sweeps_equal_the_naive_loop_on_every_attention(kind, site,
     read = activation_patch(model, clean, corrupted, coupled, site=site, per=per, progress=False,
                             logit_positions=range(clean.shape[1]))
     torch.testing.assert_close(read.values, got.values, atol=2e-5, rtol=2e-5)
+    # and only the vocabulary entries it reads (the two of the logit difference)
+    for positions in ([-1], None):
+        cols = activation_patch(model, clean, corrupted, logit_diff, site=site, per=per, progress=False,
+                                logit_positions=positions, logit_tokens=[3, 5])
+        torch.testing.assert_close(cols.values, want.values, atol=2e-5, rtol=2e-5)
 
 
 def test_a_metric_that_reads_other_positions_than_it_says_is_refused(model):
@@ -124,6 +129,31 @@ def test_a_metric_that_reads_other_positions_than_it_says_is_refused(model):
         with pytest.raises(ValueError, match="logit_positions"):
             activation_patch(model, clean, corrupted, logit_diff, site="z", per="head_pos", progress=False,
                              logit_positions=bad)
+    with pytest.raises(ValueError, match=r"reads logits other than logit_positions=\[-1\] and logit_tokens=\[3\]"):
+        activation_patch(model, clean, corrupted, logit_diff, site="z", per="head_pos", progress=False,
+                         logit_positions=[-1], logit_tokens=[3])
+    with pytest.raises(ValueError, match="logit_tokens"):  # log_softmax reads every token
+        activation_patch(model, clean, corrupted, coupled, site="z", per="head", progress=False,
+                         logit_tokens=[3, 5])
+    for bad, error in (([37], ValueError), ([], ValueError), ([1.5], TypeError), (["a"], TypeError)):
+        with pytest.raises(error, match="logit_tokens"):
+            activation_patch(model, clean, corrupted, logit_diff, site="z", per="head", progress=False,
+                             logit_tokens=bad)
+
+
+def test_logit_tokens_on_tied_embeddings_and_under_a_logits_hook():
+    model = make_model(2, tied_embeddings=True)
+    clean, corrupted = tokens_pair(model)
+    want = activation_patch(model, clean, corrupted, logit_diff, site="z", per="head_pos", progress=False)
+    got = activation_patch(model, clean, corrupted, logit_diff, site="z", per="head_pos", progress=False,
+                           logit_positions=[-1], logit_tokens=[5, 3])
+    torch.testing.assert_close(got.values, want.values, atol=2e-5, rtol=2e-5)
+    seen = []  # a hook on hook_logits sees whole rows of the vocabulary, as without logit_tokens
+    with model.hooks(fwd_hooks=[("hook_logits", lambda x, hook: seen.append(x.shape[-1]))]):
+        got = activation_patch(model, clean, corrupted, logit_diff, site="z", per="head_pos",
+                               progress=False, logit_positions=[-1], logit_tokens=[5, 3])
+    torch.testing.assert_close(got.values, want.values, atol=2e-5, rtol=2e-5)
+    assert seen and set(seen) == {model.cfg.d_vocab}
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -202,9 +232,10 @@ def agreeing_until(model, first, batch=2, pos=6):
 
 def assert_sweeps_equal_the_naive_loop(model, clean, corrupted, site, per):
     logits = naive_patched_logits(model, clean, corrupted, site, per, "clean_to_corrupted")
-    for metric, batch_size, read in ((logit_diff, 3, None), (coupled, None, None), (logit_diff, 2, [-1])):
+    for metric, batch_size, read, cols in ((logit_diff, 3, None, None), (coupled, None, None, None),
+                                           (logit_diff, 2, [-1], None), (logit_diff, 2, [-1], [3, 5])):
         got = activation_patch(model, clean, corrupted, metric, site=site, per=per, batch_size=batch_size,
-                               progress=False, logit_positions=read)
+                               progress=False, logit_positions=read, logit_tokens=cols)
         torch.testing.assert_close(got.values, naive_values(model, logits, metric, per, clean.shape[1]),
                                    atol=2e-5, rtol=2e-5)
 
