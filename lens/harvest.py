@@ -878,6 +878,7 @@ class SparseFeatures:
             start, stop, step = idx.indices(n)
             if step != 1:
                 return self[torch.arange(start, stop, step)]
+            stop = max(start, stop)
             parts = [self._rows(s, max(start - o, 0), min(stop - o, int(self.offsets[s + 1]) - o))
                      for s, o in enumerate(self.offsets[:-1].tolist())
                      if start < self.offsets[s + 1] and stop > o]

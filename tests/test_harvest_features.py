@@ -71,6 +71,13 @@ def test_sparse_features_equal_the_dense_encoding(kind, tmp_path):
     assert f.shape == want.shape and len(f.shards) == 3 and f.nnz == int((want != 0).sum())
     assert torch.equal(f[:], want) and torch.equal(f[17], want[17]) and torch.equal(f[20:30], want[20:30])
     assert torch.equal(f[[70, 0, 33]], want[[70, 0, 33]]) and torch.equal(f[-1], want[-1])
+    mask = torch.rand(72, generator=torch.Generator().manual_seed(0)) < 0.3
+    assert torch.equal(f[mask], want[mask]) and torch.equal(f[::7], want[::7]) and torch.equal(f[-5:], want[-5:])
+    assert f[5:2].shape == f[[]].shape == (0, sae.d_sae)
+    assert torch.equal(f[torch.tensor([[1, 2], [40, 3]])], want[torch.tensor([[1, 2], [40, 3]])])
+    for bad in (1.5, "a", 72, [72], torch.zeros(5, dtype=torch.bool)):
+        with pytest.raises(IndexError):
+            f[bad]
     for feat in range(sae.d_sae):
         assert torch.equal(f.feature(feat), want[:, feat])
         values, where = f.top(feat)
