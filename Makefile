@@ -40,7 +40,7 @@ demo: $(STAMP)
 	$(BIN)/python experiments/induction_heads.py --out runs/induction
 
 bench: $(STAMP)
-	for b in forward peers llama gemma2 patching tl_patching generate harvest; do $(BIN)/python bench/bench_$$b.py || exit 1; done
+	for b in forward peers llama gemma2 patching tl_patching patterns sae generate harvest; do $(BIN)/python bench/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(SAE_VENV)
