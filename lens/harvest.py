@@ -143,14 +143,20 @@ def _dataset(data, model, seq_len: Optional[int], out_dir: Path, rank: int) -> _
 
 
 # ---------------------------------------------------------------------- hashing and files
-def model_hash(model) -> str:
-    """sha256 of the config and every weight (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256(model.cfg.to_json().encode())
-    for name, t in model.state_dict().items():
+def _hash(config: str, module) -> str:
+    """sha256 of a config string and every tensor of a module's state dict (names, shapes,
+    dtypes and bytes)."""
+    h = hashlib.sha256(config.encode())
+    for name, t in module.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def model_hash(model) -> str:
+    """sha256 of the config and every weight."""
+    return _hash(model.cfg.to_json(), model)
 
 
 def _lens_version() -> str:
@@ -333,7 +339,7 @@ class _Features:
                              f"{device}; move it with sae.to({str(device)!r})")
         self.sae = _check_processing(model, sae)
         self.splice = _Splice(model, self.sae, use_error_term=False)  # checks hook name and d_in
-        self.name, self.d_sae = f"{sae.hook_name}.hook_sae_acts_post", sae.d_sae
+        self.name, self.d_sae = sae.features_name, sae.d_sae
 
     def __call__(self, cache, dtype) -> tuple[Tensor, Tensor, Tensor]:
         """(active features per token [tokens], feature ids [nnz] int32, values [nnz]) on the CPU."""
@@ -346,12 +352,7 @@ class _Features:
 
 def sae_hash(sae) -> str:
     """sha256 of an SAE's config and weights."""
-    h = hashlib.sha256(json.dumps(sae.config(), sort_keys=True, default=str).encode())
-    for name, t in sae.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return _hash(json.dumps(sae.config(), sort_keys=True, default=str), sae)
 
 
 def _csr_rows(indptr: Tensor) -> Tensor:
@@ -396,6 +397,15 @@ def _feature_sums(indices: Tensor, values: Tensor, d_sae: int) -> Float[Tensor, 
 def _rank_world() -> tuple[int, int]:
     on = dist.is_available() and dist.is_initialized()
     return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+
+
+def _over_ranks(t: Tensor) -> Tensor:
+    """The sum of `t` over the ranks (itself on one rank)."""
+    if _rank_world()[1] == 1:
+        return t
+    t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.cpu()
 
 
 def _barrier() -> None:
@@ -671,20 +681,12 @@ def _finish(out_dir, header, names, sums, rank, world) -> None:
     for n in names:
         shape = header["hooks"][n]["shape"]
         d = int(np.prod(shape))
-        t = sum((sums[i][n] for i in sorted(sums)), torch.zeros(2 * d + 2, dtype=torch.float64))
-        if world > 1:
-            t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(t)
-            t = t.cpu()
+        t = _over_ranks(sum((sums[i][n] for i in sorted(sums)), torch.zeros(2 * d + 2, dtype=torch.float64)))
         stats.update({f"{n}:sum": t[:d].reshape(shape), f"{n}:sumsq": t[d:2 * d].reshape(shape),
                       f"{n}:norm_sum": t[2 * d].clone(), f"{n}:count": t[-1].to(torch.int64)})
     for n, f in (header.get("features") or {}).items():
         d = f["d_sae"]
-        t = sum((sums[i][n] for i in sorted(sums)), torch.zeros(2 * d, dtype=torch.float64))
-        if world > 1:
-            t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(t)
-            t = t.cpu()
+        t = _over_ranks(sum((sums[i][n] for i in sorted(sums)), torch.zeros(2 * d, dtype=torch.float64)))
         stats.update({f"{n}:active": t[:d].to(torch.int64), f"{n}:sum": t[d:].clone(),
                       f"{n}:count": torch.tensor(header["dataset"]["n_tokens"])})
     if rank == 0 and header.get("features"):  # every shard is on disk now: merge their tops
@@ -706,60 +708,38 @@ def _finish(out_dir, header, names, sums, rank, world) -> None:
 
 
 # ---------------------------------------------------------------------- reading back
-class ShardedActivations:
-    """One hook's [tokens, ...] activations over memory-mapped shards, indexed like a tensor.
+class _TokenIndexed:
+    """Indexing by token of a [tokens, ...] store over shards (`self.offsets`: each shard's first
+    token): an int, a slice, a list/array/tensor of ints or a boolean mask of one entry per
+    token. Subclasses give `_span(start, stop)` (rows start:stop, 0 <= start <= stop <= n) and
+    `_gather(flat)` (rows at in-range indices [k])."""
 
-    `acts[i]`, `acts[a:b]` and `acts[a:b, ...]` inside one shard are zero-copy views of the
-    mapped file; across shards, and for index tensors/lists (gathers) and boolean masks of one
-    entry per token, they are new tensors.
-    `acts.shards` are the per-shard views; `acts.tensor()` concatenates everything in memory.
-    """
-
-    def __init__(self, shards: list[Tensor]):
-        self.shards = shards
-        self.offsets = np.cumsum([0] + [len(s) for s in shards])
-        self.shape = torch.Size((int(self.offsets[-1]), *shards[0].shape[1:]))
-        self.dtype = shards[0].dtype
+    shape: torch.Size
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __repr__(self) -> str:
-        return f"ShardedActivations({tuple(self.shape)}, {self.dtype}, {len(self.shards)} shards)"
-
-    def tensor(self) -> Tensor:
-        return torch.cat(self.shards)
-
     def __getitem__(self, idx) -> Tensor:
-        if isinstance(idx, tuple):
-            if not idx or idx[0] is Ellipsis:
-                return self[:][idx]
-            head = self[idx[0]]  # then the rest indexes each token's axes
-            return head[(slice(None),) * (head.ndim - len(self.shape) + 1) + idx[1:]]
         n = len(self)
         if _is_int(idx):
             i = int(idx)
             if not -n <= i < n:
                 raise IndexError(f"token {i} is out of range for {n} tokens")
-            return self[i % n:i % n + 1][0]
+            return self._span(i % n, i % n + 1)[0]
         if isinstance(idx, slice):
             start, stop, step = idx.indices(n)
             if step != 1:
                 return self[torch.arange(start, stop, step)]
-            parts = [sh[max(start - o, 0):max(min(stop - o, len(sh)), 0)]
-                     for sh, o in zip(self.shards, self.offsets)]
-            parts = [p for p in parts if len(p)] or [self.shards[0][:0]]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+            return self._span(start, max(start, stop))
         idx = self._positions(idx)
         flat = torch.where(idx < 0, idx + n, idx).reshape(-1)
         if len(flat) and (flat.min() < 0 or flat.max() >= n):
             raise IndexError(f"token index out of range for {n} tokens")
-        which = torch.from_numpy(np.searchsorted(self.offsets, flat.numpy(), side="right") - 1)
-        out = torch.empty((len(flat), *self.shape[1:]), dtype=self.dtype)
-        for s in which.unique().tolist():
-            m = which == s
-            out[m] = self.shards[s][flat[m] - int(self.offsets[s])]
-        return out.reshape(*idx.shape, *self.shape[1:])
+        return self._gather(flat).reshape(*idx.shape, *self.shape[1:])
+
+    def _shard_of(self, flat: Tensor) -> Tensor:
+        """The shard holding each token index."""
+        return torch.from_numpy(np.searchsorted(self.offsets, flat.numpy(), side="right") - 1)
 
     def _positions(self, idx) -> Tensor:
         """A list, array or tensor of token indices, or a boolean mask over the tokens, as a
@@ -786,6 +766,50 @@ class ShardedActivations:
         return t.long()
 
 
+class ShardedActivations(_TokenIndexed):
+    """One hook's [tokens, ...] activations over memory-mapped shards, indexed like a tensor.
+
+    `acts[i]`, `acts[a:b]` and `acts[a:b, ...]` inside one shard are zero-copy views of the
+    mapped file; across shards, and for index tensors/lists (gathers) and boolean masks of one
+    entry per token, they are new tensors.
+    `acts.shards` are the per-shard views; `acts.tensor()` concatenates everything in memory.
+    """
+
+    def __init__(self, shards: list[Tensor]):
+        self.shards = shards
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])
+        self.shape = torch.Size((int(self.offsets[-1]), *shards[0].shape[1:]))
+        self.dtype = shards[0].dtype
+
+    def __repr__(self) -> str:
+        return f"ShardedActivations({tuple(self.shape)}, {self.dtype}, {len(self.shards)} shards)"
+
+    def tensor(self) -> Tensor:
+        return torch.cat(self.shards)
+
+    def __getitem__(self, idx) -> Tensor:
+        if isinstance(idx, tuple):
+            if not idx or idx[0] is Ellipsis:
+                return self[:][idx]
+            head = self[idx[0]]  # then the rest indexes each token's axes
+            return head[(slice(None),) * (head.ndim - len(self.shape) + 1) + idx[1:]]
+        return super().__getitem__(idx)
+
+    def _span(self, start: int, stop: int) -> Tensor:
+        parts = [sh[max(start - o, 0):max(min(stop - o, len(sh)), 0)]
+                 for sh, o in zip(self.shards, self.offsets)]
+        parts = [p for p in parts if len(p)] or [self.shards[0][:0]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _gather(self, flat: Tensor) -> Tensor:
+        which = self._shard_of(flat)
+        out = torch.empty((len(flat), *self.shape[1:]), dtype=self.dtype)
+        for s in which.unique().tolist():
+            m = which == s
+            out[m] = self.shards[s][flat[m] - int(self.offsets[s])]
+        return out
+
+
 def _is_int(idx) -> bool:
     """An int (not a bool), a numpy integer, or a 0-d integer tensor."""
     if isinstance(idx, Tensor):
@@ -808,7 +832,7 @@ class HarvestDataset(torch.utils.data.Dataset):
         return {n: a[i] for n, a in self.acts.items()}
 
 
-class SparseFeatures:
+class SparseFeatures(_TokenIndexed):
     """One SAE's feature activations over a harvest's tokens, [n_tokens, d_sae] stored sparsely
     (per shard, CSR rows of memory-mapped indices and values).
 
@@ -828,13 +852,9 @@ class SparseFeatures:
         self.dtype = shards[0]["values"].dtype
         self._top, self._active, self._total = (top_values, top_tokens), active, total
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def __repr__(self) -> str:
-        nnz = sum(len(s["indices"]) for s in self.shards)
         return (f"SparseFeatures({self.name!r}, {tuple(self.shape)}, {self.dtype}, "
-                f"mean L0 {nnz / max(1, len(self)):.2f}, {len(self.shards)} shards)")
+                f"mean L0 {self.nnz / max(1, len(self)):.2f}, {len(self.shards)} shards)")
 
     @property
     def nnz(self) -> int:
@@ -857,38 +877,26 @@ class SparseFeatures:
                              f"[0, {self.d_sae}))")
         return int(f)
 
-    def _rows(self, s: int, a: int, b: int) -> Tensor:
-        """Dense rows a:b of shard s."""
+    def _dense(self, s: int, rows: Tensor) -> Tensor:
+        """Dense [len(rows), d_sae] activations of local rows `rows` of shard s."""
         sh = self.shards[s]
-        ptr = sh["indptr"][a:b + 1]
-        out = torch.zeros(b - a, self.d_sae, dtype=self.dtype)
-        lo, hi = int(ptr[0]), int(ptr[-1])
-        rows = torch.repeat_interleave(torch.arange(b - a), ptr.diff())
-        out[rows, sh["indices"][lo:hi].long()] = sh["values"][lo:hi]
+        starts, counts = sh["indptr"][rows], sh["indptr"][rows + 1] - sh["indptr"][rows]
+        out = torch.zeros(len(rows), self.d_sae, dtype=self.dtype)
+        row = torch.repeat_interleave(torch.arange(len(rows)), counts)
+        at = torch.repeat_interleave(starts - (counts.cumsum(0) - counts), counts) + torch.arange(len(row))
+        out[row, sh["indices"][at].long()] = sh["values"][at]
         return out
 
-    def __getitem__(self, idx) -> Tensor:
-        n = len(self)
-        if _is_int(idx):
-            i = int(idx)
-            if not -n <= i < n:
-                raise IndexError(f"token {i} is out of range for {n} tokens")
-            return self[i % n:i % n + 1][0]
-        if isinstance(idx, slice):
-            start, stop, step = idx.indices(n)
-            if step != 1:
-                return self[torch.arange(start, stop, step)]
-            stop = max(start, stop)
-            parts = [self._rows(s, max(start - o, 0), min(stop - o, int(self.offsets[s + 1]) - o))
-                     for s, o in enumerate(self.offsets[:-1].tolist())
-                     if start < self.offsets[s + 1] and stop > o]
-            return torch.cat(parts) if parts else torch.zeros(0, self.d_sae, dtype=self.dtype)
-        idx = ShardedActivations._positions(self, idx)
-        flat = torch.where(idx < 0, idx + n, idx).reshape(-1)
-        if len(flat) and (flat.min() < 0 or flat.max() >= n):
-            raise IndexError(f"token index out of range for {n} tokens")
-        rows = [self[int(i)] for i in flat] or [torch.zeros(0, self.d_sae, dtype=self.dtype)]
-        return torch.stack(rows).reshape(*idx.shape, self.d_sae) if len(flat) else rows[0]
+    def _span(self, start: int, stop: int) -> Tensor:
+        return self._gather(torch.arange(start, stop))
+
+    def _gather(self, flat: Tensor) -> Tensor:
+        out = torch.zeros(len(flat), self.d_sae, dtype=self.dtype)
+        which = self._shard_of(flat)
+        for s in which.unique().tolist():
+            m = which == s
+            out[m] = self._dense(s, flat[m] - int(self.offsets[s]))
+        return out
 
     def feature(self, f: int) -> Float[Tensor, "n_tokens"]:
         """Feature f's activation at every token (zeros where it is not active), float32."""

@@ -419,15 +419,20 @@ class HookedGPT(Hookable, nn.Module):
         """The final norm, the unembedding (and the final soft-cap) and hook_logits on the stream
         after the last block.
         `positions` (when given) are what hook.positions reports during this stage; `tokens`
-        (when given) are the only vocabulary entries computed: the logits are [batch, pos, n]."""
+        (when given) are the vocabulary entries returned, [batch, pos, n]: only those columns
+        of W_U are computed, unless a hook on hook_logits needs the whole rows."""
         token = None if positions is None else POSITIONS.set(positions)
         try:
             if self.ln_final is not None:
                 resid = self.ln_final(resid)
-            logits = self.unembed(resid) if tokens is None else self.unembed.columns(resid, tokens)
+            part = tokens is not None and not self.hook_logits.active
+            logits = self.unembed.columns(resid, tokens) if part else self.unembed(resid)
             if self.cfg.final_softcap is not None:
                 logits = softcap(logits, self.cfg.final_softcap)
-            return self.hook_logits.run(logits)
+            if part:
+                return logits
+            logits = self.hook_logits.run(logits)
+            return logits if tokens is None else logits[..., tokens]
         finally:
             if token is not None:
                 POSITIONS.reset(token)

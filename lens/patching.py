@@ -293,9 +293,7 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
     grid = _grid(per, H, n)
     by_pos = skip_prefix and per.endswith("pos")  # a patch at position p changes nothing before p
     p0 = _first_difference(base, src) if skip_prefix else 0  # the two runs agree before p0
-    # a patch whose positions all lie before p0 copies the base run's own values: it scores the base run
-    noop = [(n - 1 if q is None else q) < p0 for q, _ in grid]
-    todo = [j for j, skip in enumerate(noop) if not skip]
+    noop, todo = _noops(grid, p0, n)
     k = _chunk(model, base, batch_size, memory_budget, 2 * H * model.cfg.d_model if site == "result" else 0)
     pos_axis, head_axis = SITES[site]
     scores: list[Optional[Tensor]] = [None] * (L * len(grid))
@@ -306,7 +304,7 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
         base_logits, base_cache = model.run_with_cache(base, names_filter=stream, past_kv=base_kv)
         baselines = _baselines(metric, base_logits, src_logits)
         base_score = _score(metric, base_logits)
-        read, cols = _logit_positions(metric, base_logits, logit_positions, logit_tokens)
+        read, cols = _logit_reads(metric, base_logits, logit_positions, logit_tokens)
         finals: dict[int, Tensor] = {}  # the final stream where read, by index into scores
         plan = _plan(grid, todo, by_pos, p0, k, n, base.shape[0], base.device)
         for l in range(L):
@@ -349,7 +347,7 @@ def activation_patch(model: HookedGPT, clean_tokens: Prompts,
     return _result(model, values, base, src, site, per, direction, baselines)
 
 
-def _logit_positions(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"],
+def _logit_reads(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"],
                      positions: Optional[Sequence[int]], tokens: Optional[Sequence[int]] = None
                      ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """The positions (ascending, non-negative) and vocabulary entries a metric reads (None: all),
@@ -395,14 +393,12 @@ def _logit_positions(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"],
 def _score_read(model: HookedGPT, metric: Metric, finals: list[Tensor], read: Tensor,
                 shape: tuple[int, int, int], cols: Optional[Tensor] = None) -> list[Tensor]:
     """Each patch's metric of its logits [batch, pos, d_vocab]: the final norm and unembedding of
-    its final stream at the positions read (and only the columns `cols` of W_U when given, unless
-    a hook on hook_logits needs every one), all patches' rows in large batches (one read of W_U
+    its final stream at the positions read (and only the columns `cols` of W_U when given), all
+    patches' rows in large batches (one read of W_U
     per batch), NaN elsewhere."""
     b, n, V = shape
     per_chunk = max(1, min(len(finals), 2 ** 27 // (b * n * V * 4)))  # logits of ~128 MiB
     at = read.to(finals[0].device)
-    if cols is not None and model.hook_logits.fwd_hooks:
-        cols = None  # a hook reads the whole vocabulary
     cols = None if cols is None else cols.to(at.device)
     unread = torch.ones(n, V, dtype=torch.bool, device=at.device)
     if cols is None:
@@ -467,6 +463,13 @@ def _prefix(base_kv: KVCache, p: int, copies: int) -> KVCache:
         entry.k, entry.v = (t[:, :p].repeat(copies, 1, 1, 1) for t in (base.k, base.v))
     prefix.freeze()
     return prefix
+
+
+def _noops(grid: Sequence[tuple[Optional[int], object]], p0: int, n: int) -> tuple[list[bool], list[int]]:
+    """(whether each patch (position or None for all, ...) lies wholly before p0, the indices
+    of the others): a patch before p0 copies the base run's own values and scores the base run."""
+    noop = [(n - 1 if q is None else q) < p0 for q, _ in grid]
+    return noop, [j for j, skip in enumerate(noop) if not skip]
 
 
 def _first_difference(base: Int[Tensor, "batch pos"], src: Int[Tensor, "batch pos"]) -> int:

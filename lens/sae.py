@@ -149,6 +149,15 @@ class SAE(nn.Module):
             setattr(self, name, HookPoint())
 
     # ------------------------------------------------------------------ describing
+    def hook_point_name(self, leaf: str) -> str:
+        """The model-wide name of one of the SAE's hook points (HOOKS) while it is spliced in."""
+        return f"{self.hook_name}.{leaf}"
+
+    @property
+    def features_name(self) -> str:
+        """The hook point of its feature activations: "{hook_name}.hook_sae_acts_post"."""
+        return self.hook_point_name("hook_sae_acts_post")
+
     @property
     def architecture(self) -> str:
         """SAELens's name for this kind of dictionary."""
@@ -702,7 +711,7 @@ def saes(model, saes: Union[SAE, Iterable[SAE]], use_error_term: bool = False):
     dupes = sorted({h for h in hosts if hosts.count(h) > 1})
     if dupes:
         problems.append(f"more than one SAE reads {dupes}; splice one per hook point")
-    taken = [f"{h}.{leaf}" for h in hosts for leaf in HOOKS if f"{h}.{leaf}" in model.hook_dict]
+    taken = [n for s in splices for n in map(s.sae.hook_point_name, HOOKS) if n in model.hook_dict]
     if taken:
         problems.append(f"an SAE is already spliced at {sorted({t.rsplit('.', 1)[0] for t in taken})}")
     if problems:  # unknown hook names only: a KeyError, as for any unknown hook name
@@ -712,7 +721,7 @@ def saes(model, saes: Union[SAE, Iterable[SAE]], use_error_term: bool = False):
         for s in splices:
             for leaf in HOOKS:
                 hp = getattr(s.sae, leaf)
-                hp.name = f"{s.sae.hook_name}.{leaf}"
+                hp.name = s.sae.hook_point_name(leaf)
                 added[hp.name] = hp
         model.hook_dict.update(added)
         with model.hooks(fwd_hooks=[h for s in splices for h in s.hooks()]):
@@ -768,7 +777,7 @@ def feature_attribution(model, sae: SAE, cache, answer, wrong=None, pos: int = -
     error term on, the features, b_dec and the error sum with the other writes to the stream
     to the logit difference."""
     _stream_write(sae)
-    acts = cache[sae.hook_name + ".hook_sae_acts_post"]
+    acts = cache[sae.features_name]
     if acts.ndim != 3:
         raise ValueError(f"the cached features have shape {tuple(acts.shape)}; cache with a batch axis")
     n = acts.shape[1]
@@ -838,11 +847,11 @@ def feature_patch(model, sae: SAE, clean_tokens, corrupted_tokens, metric, per: 
     P._check_chunking(batch_size, None)
     skip = skip_prefix and sae.activation != "batchtopk"
     p0 = P._first_difference(base, src) if skip else 0
-    name = f"{sae.hook_name}.hook_sae_acts_post"
+    name = sae.features_name
     with torch.no_grad(), _splice(model, sae, use_error_term=use_error_term):
         src_logits, src_cache = model.run_with_cache(src, names_filter=[name])
         src_m = float(P._score(metric, src_logits))
-        values, (base_m, _) = _feature_sweep(model, sae, base, src_cache[name], metric, per, features,
+        values, base_m = _feature_sweep(model, sae, base, src_cache[name], metric, per, features,
                                              p0, skip, batch_size, progress,
                                              f"patching features of {sae.hook_name}")
     forward = direction == "clean_to_corrupted"
@@ -863,7 +872,7 @@ def feature_ablate(model, sae: SAE, tokens, metric, per: str = "feature", featur
         raise ValueError(f"per={per!r}; valid values are {FEATURE_PERS}")
     base = P.as_tokens(model, tokens)
     P._check_chunking(batch_size, None)
-    name = f"{sae.hook_name}.hook_sae_acts_post"
+    name = sae.features_name
     with torch.no_grad(), _splice(model, sae, use_error_term=use_error_term):
         _, cache = model.run_with_cache(base, names_filter=[name])
         acts = cache[name]
@@ -875,7 +884,7 @@ def feature_ablate(model, sae: SAE, tokens, metric, per: str = "feature", featur
                 raise ValueError(f"means of shape {tuple(means.shape)}; give [d_sae] = "
                                  f"[{sae.d_sae}] or [pos, d_sae] = {list(acts.shape[-2:])}")
             source = means.expand_as(acts)
-        values, (base_m, _) = _feature_sweep(model, sae, base, source, metric, per, features, 0,
+        values, base_m = _feature_sweep(model, sae, base, source, metric, per, features, 0,
                                              sae.activation != "batchtopk", batch_size, progress,
                                              f"ablating features of {sae.hook_name}")
     how = "zero_ablation" if means is None else "mean_ablation"
@@ -892,17 +901,16 @@ def _feature_sweep(model, sae: SAE, base: Tensor, source: Tensor, metric, per: s
     """The engine of feature_patch and feature_ablate, inside the splice: each (feature,
     position) patch puts `source` [batch, pos, d_sae] into the base run's features; the
     patches before p0 (where the source is the base run's) score the base run. Returns (values
-    [n_features(, pos)], (base metric, None))."""
+    [n_features(, pos)], the base run's metric)."""
     from tqdm.auto import tqdm
     from lens import patching as P
     from lens.generate import KVCache
     feats, n, L = _features(sae, features), base.shape[1], model.cfg.n_layers
-    name, start = f"{sae.hook_name}.hook_sae_acts_post", model.hook_dict[sae.hook_name].layer() or 0
+    name, start = sae.features_name, model.hook_dict[sae.hook_name].layer() or 0
     stream = sites.name("resid_pre", start)
     per_pos = per == "feature_pos"
     grid = [(p, f) for f in feats for p in (range(n) if per_pos else [None])]
-    noop = [(n - 1 if p is None else p) < p0 for p, _ in grid]
-    todo = [j for j, skipped in enumerate(noop) if not skipped]
+    noop, todo = P._noops(grid, p0, n)
     k = 1 if sae.activation == "batchtopk" else batch_size or max(1, min(len(grid), 2 ** 30 // max(
         1, base.numel() * (4 * model.cfg.d_model + sae.d_sae + model.cfg.d_vocab) * 4)))
     scores: list[Optional[Tensor]] = [None] * len(grid)
@@ -929,7 +937,7 @@ def _feature_sweep(model, sae: SAE, base: Tensor, source: Tensor, metric, per: s
                 scores[j] = score
             bar.update(len(chunk))
     values = torch.stack(scores).float().cpu().view(len(feats), *((n,) if per_pos else ()))
-    return values, (float(base_score), None)
+    return values, float(base_score)
 
 
 def feature_attribution_patch(model, sae: SAE, clean_tokens, corrupted_tokens, metric,
@@ -943,7 +951,7 @@ def feature_attribution_patch(model, sae: SAE, clean_tokens, corrupted_tokens, m
     if per not in FEATURE_PERS:
         raise ValueError(f"per={per!r}; valid values are {FEATURE_PERS}")
     base, src = P._runs(model, clean_tokens, corrupted_tokens, direction)
-    acts_name = f"{sae.hook_name}.hook_sae_acts_post"
+    acts_name = sae.features_name
     held: dict[str, Tensor] = {}
 
     def leaf(a: Tensor, hook) -> Tensor:
@@ -1050,7 +1058,7 @@ def feature_card(model, sae: SAE, feature: int, tokens, k: int = 8, context: int
     effects = feature_logit_effects(model, sae, feature, k=min(k, 10))  # checks the feature
     show = lambda window: (model.to_str_tokens(window) if model.tokenizer is not None  # noqa: E731
                            else [str(t) for t in window.tolist()])
-    name = sae.hook_name + ".hook_sae_acts_post"
+    name = sae.features_name
     if isinstance(tokens, Harvest):
         feats = _harvested(model, sae, tokens)
         values, where = feats.top(feature, k)
@@ -1085,7 +1093,7 @@ def _harvested(model, sae: SAE, harvest):
     """The SparseFeatures of `sae` in `harvest`, refused unless the harvest was made by this
     model and this SAE."""
     from lens.harvest import model_hash, sae_hash
-    name = sae.hook_name + ".hook_sae_acts_post"
+    name = sae.features_name
     info = (harvest.manifest.get("features") or {}).get(name)
     if info is None or info["sae_hash"] not in (sae_hash(sae), sae_hash(_check_processing(model, sae))):
         raise ValueError(f"the harvest in {harvest.out_dir} holds no features of this SAE (it holds "
